@@ -1,0 +1,63 @@
+/**
+ * Every limit of vdisk in one place, with the relationships between them asserted at load time.
+ * Units are carried last in the names. Each limit is a default: the daemon's configuration may lower or
+ * raise the ones marked configurable, within the bounds asserted here.
+ */
+import { assert } from "./errors";
+
+export const KiB = 1024;
+export const MiB = 1024 * KiB;
+export const GiB = 1024 * MiB;
+export const TiB = 1024 * GiB;
+
+/** NBD: the largest READ/WRITE payload we accept (configurable). The spec asks servers to take 2^25. */
+export const requestBytesMaxDefault = 32 * MiB;
+/** NBD: absolute ceiling for the configurable payload maximum. */
+export const requestBytesMaxCeiling = 256 * MiB;
+/** NBD: block sizes advertised in NBD_INFO_BLOCK_SIZE. Any alignment works; 4 KiB is preferred. */
+export const blockBytesMin = 1;
+export const blockBytesPreferred = 4 * KiB;
+
+/** NBD: requests in flight per connection before we stop reading the socket (configurable). */
+export const inflightPerConnectionMaxDefault = 128;
+/** NBD: simultaneous client connections (configurable). */
+export const connectionsMaxDefault = 256;
+/** NBD: bytes of reply data queued on one socket before we stop reading new requests. */
+export const socketQueuedBytesMax = 64 * MiB;
+
+/** NBD handshake: option payload we buffer; larger options are skipped and refused with TOO_BIG. */
+export const optionBytesMax = 64 * KiB;
+/** NBD handshake: options per connection before the server gives up on the client. */
+export const optionsPerHandshakeMax = 4096;
+/** NBD handshake: time a client may take to reach transmission (configurable). */
+export const handshakeTimeoutMsDefault = 30_000;
+/** NBD strings (export names, meta context names) are limited to 4096 bytes by the spec. */
+export const nameBytesMax = 4096;
+/** NBD block status: extents in one reply chunk. */
+export const blockStatusExtentsMax = 32 * KiB;
+/** NBD meta contexts selectable per connection. */
+export const metaContextsMax = 16;
+
+/** Disks: names are short, printable, path-safe. */
+export const diskNameBytesMax = 128;
+/** Disks: size bounds. Sizes are multiples of 512 bytes. */
+export const diskBytesMin = 512;
+export const diskBytesMax = 2 ** 52; // 4 PiB, well inside Number.MAX_SAFE_INTEGER
+export const diskBytesAlignment = 512;
+/** The disk created on the first start of `vdisk serve`. */
+export const defaultDiskName = "default";
+export const defaultDiskBytes = 8 * GiB;
+
+/** Jobs (import/export): copy unit and copies in flight. */
+export const copyChunkBytes = 1 * MiB;
+export const copyChunksInflight = 4;
+
+/** Daemon shutdown: time to drain in-flight requests before connections are cut. */
+export const drainTimeoutMs = 10_000;
+
+assert(requestBytesMaxDefault >= blockBytesPreferred, "request max below preferred block size");
+assert(requestBytesMaxDefault <= requestBytesMaxCeiling, "request max above ceiling");
+assert(requestBytesMaxCeiling < 2 ** 32, "NBD lengths are 32-bit");
+assert(diskBytesMax <= Number.MAX_SAFE_INTEGER, "disk offsets must be exact in a JS number");
+assert(defaultDiskBytes % diskBytesAlignment === 0, "default disk size aligned");
+assert(copyChunkBytes <= requestBytesMaxDefault, "copy chunk within request max");

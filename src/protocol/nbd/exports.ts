@@ -1,0 +1,27 @@
+/**
+ * What the NBD server needs from whoever owns the disks: a list of export names and a way to open one.
+ * The server knows nothing about formats, pools or catalogs (as QEMU's nbd/server.c knows nothing of
+ * qcow2): the daemon's disk registry implements this interface.
+ *
+ * `open` returns a handle that the connection keeps while it is in the transmission phase and releases
+ * when it ends, so the registry can tell which disks are in use.
+ */
+import type { BlockDevice } from "../../devices/block-device";
+
+export interface ExportHandle {
+  readonly name: string;
+  readonly description: string;
+  readonly device: BlockDevice;
+  readonly readOnly: boolean;
+  /** Called once when the connection that opened it closes. */
+  release(): void;
+}
+
+export interface ExportProvider {
+  /** Export names for NBD_OPT_LIST. */
+  list(): string[];
+  /** Resolve an export name ("" means the default export); null if there is no such export. */
+  lookup(name: string): { name: string; description: string; size: number; readOnly: boolean } | null;
+  /** Open an export for transmission; null if it does not exist (any more). */
+  open(name: string): ExportHandle | null;
+}
