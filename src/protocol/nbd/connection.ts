@@ -1,0 +1,781 @@
+/**
+ * One NBD client connection: fixed newstyle handshake, then the transmission phase.
+ *
+ * The connection owns a ByteQueue fed by the socket and pulls messages from the two parsers. During
+ * transmission every request is validated here, once (range, read-only, payload size, flags) — the
+ * devices below only assert — and dispatched to the export's BlockDevice with a callback; replies go out
+ * in completion order (out-of-order is allowed by the protocol) and are corked so that all replies that
+ * complete in one event-loop turn leave in one writev.
+ *
+ * Flow control, all bounded: at most `inflightMax` requests are dispatched; beyond that, and while the
+ * socket has more than `socketQueuedBytesMax` of replies queued, the socket is paused and the parser is
+ * not pulled. A WRITE over the payload maximum is read and discarded, then refused with EINVAL.
+ *
+ * Bad input never reaches other clients: a protocol violation (bad magic, a lying length, an unknown
+ * export with NBD_OPT_EXPORT_NAME, too many options) closes only this connection.
+ */
+import type { Socket } from "node:net";
+import type { BlockDevice, Extent } from "../../devices/block-device";
+import { ZeroFlags } from "../../devices/block-device";
+import { VdiskError, nbdErrnoOf, type NbdErrnoValue, NbdErrno } from "../../errors";
+import * as limits from "../../limits";
+import { ByteQueue } from "./byte-queue";
+import {
+  BASE_ALLOCATION,
+  ClientFlag,
+  Cmd,
+  CmdFlag,
+  HandshakeFlag,
+  IHAVEOPT_HI,
+  IHAVEOPT_LO,
+  Info,
+  NBDMAGIC_HI,
+  NBDMAGIC_LO,
+  OPTION_REPLY_MAGIC_HI,
+  OPTION_REPLY_MAGIC_LO,
+  Opt,
+  ReplyFlag,
+  ReplyType,
+  Rep,
+  SIMPLE_REPLY_MAGIC,
+  STRUCTURED_REPLY_MAGIC,
+  SimpleReplyHeaderBytes,
+  StructuredReplyHeaderBytes,
+  TransmissionFlag,
+  commandName,
+  optionName,
+} from "./constants";
+import type { ExportHandle, ExportProvider } from "./exports";
+import { HandshakeParser, RequestParser, type NbdRequest } from "./parsers";
+
+export interface ConnectionConfig {
+  exports: ExportProvider;
+  requestBytesMax: number;
+  inflightMax: number;
+  handshakeTimeoutMs: number;
+  log: (message: string) => void;
+}
+
+/** Counters shared by all connections of a server. */
+export interface ServerCounters {
+  requests: number;
+  errors: number;
+  bytesRead: number;
+  bytesWritten: number;
+  protocolErrors: number;
+}
+
+const enum Phase {
+  HANDSHAKE,
+  TRANSMISSION,
+  CLOSED,
+}
+
+/** Meta context id we hand out for base:allocation (ids are per connection and opaque to clients). */
+const BASE_ALLOCATION_ID = 1;
+/** Prefix of a structured OFFSET_DATA chunk: header + 64-bit offset. */
+const DATA_CHUNK_PREFIX_BYTES = StructuredReplyHeaderBytes + 8;
+const READ_FLAGS_KNOWN = CmdFlag.FUA | CmdFlag.DF;
+const FAST_ZERO_NOT_SUPPORTED = new VdiskError("NOT_SUPPORTED", "fast zero not supported here");
+
+export class Connection {
+  private readonly queue = new ByteQueue();
+  private phase = Phase.HANDSHAKE;
+  private readonly handshake: HandshakeParser;
+  private requests: RequestParser | null = null;
+  private noZeroes = false;
+  private structured = false;
+  private metaSelected = false;
+  private metaExportName: string | null = null;
+  private optionCount = 0;
+  private handshakeTimer: NodeJS.Timeout | null = null;
+
+  private handle: ExportHandle | null = null;
+  private device: BlockDevice | null = null;
+  private transmissionFlags = 0;
+
+  private inflight = 0;
+  private paused = false;
+  private corked = false;
+  private draining = false; // DISC received or server shutting down: no new requests are dispatched
+  private shuttingDown = false;
+  private readonly onDrainedCallbacks: Array<() => void> = [];
+  private readonly uncork = (): void => {
+    this.corked = false;
+    if (!this.socket.destroyed) this.socket.uncork();
+  };
+
+  constructor(
+    readonly id: number,
+    private readonly socket: Socket,
+    private readonly config: ConnectionConfig,
+    private readonly counters: ServerCounters,
+    private readonly onClose: (connection: Connection) => void,
+  ) {
+    this.handshake = new HandshakeParser(limits.optionBytesMax);
+    socket.on("data", (chunk: Buffer) => this.onData(chunk));
+    socket.on("error", (err: NodeJS.ErrnoException) => {
+      // A client that hangs up early (EPIPE, ECONNRESET) is routine; anything else is worth a line.
+      const routine = err.code === "EPIPE" || err.code === "ECONNRESET";
+      this.close(routine ? null : `socket error: ${err.message}`);
+    });
+    socket.on("close", () => this.close(null));
+    socket.on("drain", () => this.maybeResume());
+    this.handshakeTimer = setTimeout(
+      () => this.close(`handshake not finished within ${config.handshakeTimeoutMs} ms`),
+      config.handshakeTimeoutMs,
+    );
+    this.handshakeTimer.unref();
+    this.sendGreeting();
+  }
+
+  /** Export name once in transmission, else null. */
+  get exportName(): string | null {
+    return this.handle?.name ?? null;
+  }
+
+  get inflightCount(): number {
+    return this.inflight;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Input
+
+  private onData(chunk: Buffer): void {
+    if (this.phase === Phase.CLOSED) return;
+    this.queue.push(chunk);
+    this.pump();
+  }
+
+  private pump(): void {
+    try {
+      if (this.phase === Phase.HANDSHAKE) this.pumpHandshake();
+      if (this.phase === Phase.TRANSMISSION) this.pumpRequests();
+    } catch (err) {
+      if (err instanceof VdiskError && err.code === "PROTOCOL") {
+        this.counters.protocolErrors++;
+        this.close(`protocol violation: ${err.message}`);
+        return;
+      }
+      throw err;
+    }
+  }
+
+  private pumpHandshake(): void {
+    while (this.phase === Phase.HANDSHAKE) {
+      const message = this.handshake.next(this.queue);
+      if (message === null) return;
+      if (message.kind === "clientFlags") {
+        const known = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES;
+        if ((message.flags & ~known) !== 0 || (message.flags & ClientFlag.FIXED_NEWSTYLE) === 0) {
+          throw new VdiskError("PROTOCOL", `unsupported client flags 0x${message.flags.toString(16)}`);
+        }
+        this.noZeroes = (message.flags & ClientFlag.NO_ZEROES) !== 0;
+        continue;
+      }
+      if (++this.optionCount > limits.optionsPerHandshakeMax) {
+        throw new VdiskError("PROTOCOL", "too many options");
+      }
+      if (message.kind === "tooBig") {
+        if (message.option === Opt.EXPORT_NAME) throw new VdiskError("PROTOCOL", "export name too long");
+        this.optionError(message.option, Rep.ERR_TOO_BIG, `option data of ${message.length} bytes is too big`);
+        continue;
+      }
+      this.handleOption(message.option, message.data);
+    }
+  }
+
+  private pumpRequests(): void {
+    const parser = this.requests as RequestParser;
+    while (!this.draining && this.inflight < this.config.inflightMax) {
+      if (this.socket.writableLength > limits.socketQueuedBytesMax) break;
+      const request = parser.next(this.queue);
+      if (request === null) break;
+      this.dispatch(request);
+    }
+    const mustPause =
+      this.inflight >= this.config.inflightMax || this.socket.writableLength > limits.socketQueuedBytesMax;
+    if (mustPause && !this.paused) {
+      this.paused = true;
+      this.socket.pause();
+    }
+  }
+
+  private maybeResume(): void {
+    if (this.phase !== Phase.TRANSMISSION) return;
+    if (this.paused && this.inflight < this.config.inflightMax) {
+      if (this.socket.writableLength > limits.socketQueuedBytesMax) return;
+      this.paused = false;
+      this.socket.resume();
+    }
+    if (this.queue.length > 0 && !this.draining) this.pump();
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Handshake
+
+  private sendGreeting(): void {
+    const greeting = Buffer.allocUnsafe(18);
+    greeting.writeUInt32BE(NBDMAGIC_HI, 0);
+    greeting.writeUInt32BE(NBDMAGIC_LO, 4);
+    greeting.writeUInt32BE(IHAVEOPT_HI, 8);
+    greeting.writeUInt32BE(IHAVEOPT_LO, 12);
+    greeting.writeUInt16BE(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES, 16);
+    this.socket.write(greeting);
+  }
+
+  private optionReply(option: number, type: number, data?: Buffer): void {
+    const header = Buffer.allocUnsafe(20);
+    header.writeUInt32BE(OPTION_REPLY_MAGIC_HI, 0);
+    header.writeUInt32BE(OPTION_REPLY_MAGIC_LO, 4);
+    header.writeUInt32BE(option, 8);
+    header.writeUInt32BE(type, 12);
+    header.writeUInt32BE(data ? data.length : 0, 16);
+    this.socket.write(data ? Buffer.concat([header, data]) : header);
+  }
+
+  private optionError(option: number, type: number, message: string): void {
+    this.optionReply(option, type, Buffer.from(message, "utf8"));
+  }
+
+  private handleOption(option: number, data: Buffer): void {
+    switch (option) {
+      case Opt.EXPORT_NAME:
+        return this.optExportName(data);
+      case Opt.ABORT:
+        this.optionReply(option, Rep.ACK);
+        this.phase = Phase.CLOSED;
+        this.socket.end();
+        return;
+      case Opt.LIST:
+        return this.optList(data);
+      case Opt.STARTTLS:
+        return this.optionError(option, Rep.ERR_POLICY, "TLS is not configured on this server");
+      case Opt.INFO:
+      case Opt.GO:
+        return this.optInfoGo(option, data);
+      case Opt.STRUCTURED_REPLY:
+        if (data.length !== 0) return this.optionError(option, Rep.ERR_INVALID, "option takes no data");
+        this.structured = true;
+        return this.optionReply(option, Rep.ACK);
+      case Opt.LIST_META_CONTEXT:
+      case Opt.SET_META_CONTEXT:
+        return this.optMetaContext(option, data);
+      default:
+        return this.optionError(option, Rep.ERR_UNSUP, `option ${optionName(option)} is not supported`);
+    }
+  }
+
+  private optExportName(data: Buffer): void {
+    const name = data.toString("utf8");
+    const handle = this.config.exports.open(name);
+    if (handle === null) {
+      // NBD_OPT_EXPORT_NAME has no error reply: the only answer is to disconnect.
+      this.close(`unknown export "${name}" requested with NBD_OPT_EXPORT_NAME`);
+      return;
+    }
+    this.enterTransmission(handle);
+    const reply = Buffer.alloc(this.noZeroes ? 10 : 134);
+    writeUInt64(reply, handle.device.size, 0);
+    reply.writeUInt16BE(this.transmissionFlags, 8);
+    this.socket.write(reply);
+  }
+
+  private optList(data: Buffer): void {
+    if (data.length !== 0) return this.optionError(Opt.LIST, Rep.ERR_INVALID, "NBD_OPT_LIST takes no data");
+    for (const name of this.config.exports.list()) {
+      const nameBytes = Buffer.from(name, "utf8");
+      const payload = Buffer.allocUnsafe(4 + nameBytes.length);
+      payload.writeUInt32BE(nameBytes.length, 0);
+      nameBytes.copy(payload, 4);
+      this.optionReply(Opt.LIST, Rep.SERVER, payload);
+    }
+    this.optionReply(Opt.LIST, Rep.ACK);
+  }
+
+  private optInfoGo(option: number, data: Buffer): void {
+    if (data.length < 6) return this.optionError(option, Rep.ERR_INVALID, "option data too short");
+    const nameLength = data.readUInt32BE(0);
+    if (nameLength > data.length - 6) return this.optionError(option, Rep.ERR_INVALID, "name length too long");
+    const name = data.toString("utf8", 4, 4 + nameLength);
+    const infoCount = data.readUInt16BE(4 + nameLength);
+    if (data.length !== 6 + nameLength + 2 * infoCount) {
+      return this.optionError(option, Rep.ERR_INVALID, "information request count does not match length");
+    }
+    const requested = new Set<number>();
+    for (let i = 0; i < infoCount; i++) requested.add(data.readUInt16BE(6 + nameLength + 2 * i));
+
+    const found = this.config.exports.lookup(name);
+    if (found === null) return this.optionError(option, Rep.ERR_UNKNOWN, `no export named "${name}"`);
+    const flags = this.computeTransmissionFlags(found.readOnly, null);
+
+    const exportInfo = Buffer.allocUnsafe(12);
+    exportInfo.writeUInt16BE(Info.EXPORT, 0);
+    writeUInt64(exportInfo, found.size, 2);
+    exportInfo.writeUInt16BE(flags, 10);
+    this.optionReply(option, Rep.INFO, exportInfo);
+    if (requested.has(Info.NAME)) {
+      this.optionReply(option, Rep.INFO, Buffer.concat([u16(Info.NAME), Buffer.from(found.name, "utf8")]));
+    }
+    if (requested.has(Info.DESCRIPTION)) {
+      const description = Buffer.from(found.description, "utf8");
+      this.optionReply(option, Rep.INFO, Buffer.concat([u16(Info.DESCRIPTION), description]));
+    }
+    const blockSize = Buffer.allocUnsafe(14);
+    blockSize.writeUInt16BE(Info.BLOCK_SIZE, 0);
+    blockSize.writeUInt32BE(limits.blockBytesMin, 2);
+    blockSize.writeUInt32BE(limits.blockBytesPreferred, 6);
+    blockSize.writeUInt32BE(this.config.requestBytesMax, 10);
+    this.optionReply(option, Rep.INFO, blockSize);
+
+    if (option === Opt.INFO) return this.optionReply(option, Rep.ACK);
+    const handle = this.config.exports.open(name);
+    if (handle === null) return this.optionError(option, Rep.ERR_UNKNOWN, `export "${name}" went away`);
+    if (this.metaExportName !== handle.name) this.metaSelected = false;
+    this.optionReply(option, Rep.ACK);
+    this.enterTransmission(handle);
+  }
+
+  /** Parse LIST/SET_META_CONTEXT data; null if malformed. */
+  private parseMetaQuery(data: Buffer): { exportName: string; queries: string[] } | null {
+    if (data.length < 8) return null;
+    const nameLength = data.readUInt32BE(0);
+    if (nameLength > data.length - 8 || nameLength > limits.nameBytesMax) return null;
+    const exportName = data.toString("utf8", 4, 4 + nameLength);
+    let position = 4 + nameLength;
+    const count = data.readUInt32BE(position);
+    position += 4;
+    const queries: string[] = [];
+    for (let i = 0; i < count; i++) {
+      if (position + 4 > data.length) return null;
+      const length = data.readUInt32BE(position);
+      position += 4;
+      if (length > data.length - position || length > limits.nameBytesMax) return null;
+      queries.push(data.toString("utf8", position, position + length));
+      position += length;
+    }
+    if (position !== data.length) return null;
+    return { exportName, queries };
+  }
+
+  private optMetaContext(option: number, data: Buffer): void {
+    const isSet = option === Opt.SET_META_CONTEXT;
+    if (isSet) this.metaSelected = false; // SET replaces the selection even when it fails
+    if (!this.structured) {
+      return this.optionError(option, Rep.ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first");
+    }
+    const parsed = this.parseMetaQuery(data);
+    if (parsed === null) return this.optionError(option, Rep.ERR_INVALID, "malformed meta context request");
+    if (parsed.queries.length > limits.metaContextsMax * 16) {
+      return this.optionError(option, Rep.ERR_TOO_BIG, "too many queries");
+    }
+    const found = this.config.exports.lookup(parsed.exportName);
+    if (found === null) return this.optionError(option, Rep.ERR_UNKNOWN, `no export named "${parsed.exportName}"`);
+
+    let matches: boolean;
+    if (isSet) {
+      matches = parsed.queries.includes(BASE_ALLOCATION);
+    } else {
+      matches =
+        parsed.queries.length === 0 || parsed.queries.some((q) => q === "base:" || q === BASE_ALLOCATION);
+    }
+    if (matches) {
+      const name = Buffer.from(BASE_ALLOCATION, "utf8");
+      const payload = Buffer.allocUnsafe(4 + name.length);
+      payload.writeUInt32BE(isSet ? BASE_ALLOCATION_ID : 0, 0);
+      name.copy(payload, 4);
+      this.optionReply(option, Rep.META_CONTEXT, payload);
+    }
+    if (isSet) {
+      this.metaSelected = matches;
+      this.metaExportName = found.name;
+    }
+    this.optionReply(option, Rep.ACK);
+  }
+
+  private computeTransmissionFlags(readOnly: boolean, device: BlockDevice | null): number {
+    let flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH;
+    const caps = device?.capabilities;
+    if (readOnly || caps?.readOnly) {
+      flags |= TransmissionFlag.READ_ONLY;
+    } else {
+      flags |= TransmissionFlag.SEND_FUA;
+      if (!caps || caps.trim) flags |= TransmissionFlag.SEND_TRIM;
+      if (!caps || caps.zero) flags |= TransmissionFlag.SEND_WRITE_ZEROES;
+      if (!caps || caps.fastZero) flags |= TransmissionFlag.SEND_FAST_ZERO;
+    }
+    if (!caps || caps.cache) flags |= TransmissionFlag.SEND_CACHE;
+    if (!caps || caps.multiConn) flags |= TransmissionFlag.CAN_MULTI_CONN;
+    if (caps?.rotational) flags |= TransmissionFlag.ROTATIONAL;
+    if (this.structured) flags |= TransmissionFlag.SEND_DF;
+    return flags;
+  }
+
+  private enterTransmission(handle: ExportHandle): void {
+    this.handle = handle;
+    this.device = handle.device;
+    this.transmissionFlags = this.computeTransmissionFlags(handle.readOnly, handle.device);
+    if (this.metaExportName !== handle.name) this.metaSelected = false;
+    this.requests = new RequestParser(this.config.requestBytesMax);
+    this.phase = Phase.TRANSMISSION;
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
+    this.config.log(`connection ${this.id}: export "${handle.name}" (structured=${this.structured})`);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Transmission
+
+  private dispatch(request: NbdRequest): void {
+    this.counters.requests++;
+    if (this.shuttingDown) return this.replyError(request, new VdiskError("SHUTTING_DOWN", "server shutting down"));
+    const device = this.device as BlockDevice;
+    const readOnly = (this.transmissionFlags & TransmissionFlag.READ_ONLY) !== 0;
+    const end = request.offset + request.length;
+    const size = device.size;
+    const fua = (request.flags & CmdFlag.FUA) !== 0;
+
+    switch (request.type) {
+      case Cmd.READ: {
+        if ((request.flags & CmdFlag.DF) !== 0 && !this.structured) {
+          return this.replyError(request, invalid("DF flag without structured replies"));
+        }
+        if ((request.flags & ~READ_FLAGS_KNOWN) !== 0) return this.replyError(request, invalid("unknown read flags"));
+        if (request.length > this.config.requestBytesMax) {
+          return this.replyError(request, new VdiskError("TOO_LARGE", "read larger than the maximum payload"));
+        }
+        if (end > size) return this.replyError(request, outOfRange("read", request, size));
+        if (request.length === 0) return this.replyReadEmpty(request);
+        return this.doRead(device, request);
+      }
+      case Cmd.WRITE: {
+        if (request.error === "TOO_LARGE") {
+          return this.replyError(request, new VdiskError("TOO_LARGE", "write larger than the maximum payload"));
+        }
+        if (readOnly) return this.replyError(request, new VdiskError("READ_ONLY", "export is read-only"));
+        if (end > size) return this.replyError(request, writeOutOfRange("write", request, size));
+        if (request.length === 0) return this.replySimple(request, 0);
+        this.inflight++;
+        this.counters.bytesWritten += request.length;
+        device.write(request.payload as Buffer, request.offset, fua, (err) => this.complete(request, err));
+        return;
+      }
+      case Cmd.FLUSH:
+        this.inflight++;
+        device.flush((err) => this.complete(request, err));
+        return;
+      case Cmd.TRIM: {
+        if (readOnly) return this.replyError(request, new VdiskError("READ_ONLY", "export is read-only"));
+        if (end > size) return this.replyError(request, outOfRange("trim", request, size));
+        if (request.length === 0) return this.replySimple(request, 0);
+        this.inflight++;
+        device.trim(request.offset, request.length, fua, (err) => this.complete(request, err));
+        return;
+      }
+      case Cmd.WRITE_ZEROES: {
+        if (readOnly) return this.replyError(request, new VdiskError("READ_ONLY", "export is read-only"));
+        if (end > size) return this.replyError(request, writeOutOfRange("write zeroes", request, size));
+        const fast = (request.flags & CmdFlag.FAST_ZERO) !== 0;
+        if (fast && (this.transmissionFlags & TransmissionFlag.SEND_FAST_ZERO) === 0) {
+          return this.replyError(request, FAST_ZERO_NOT_SUPPORTED);
+        }
+        if (request.length === 0) return this.replySimple(request, 0);
+        let flags = fua ? ZeroFlags.FUA : 0;
+        if ((request.flags & CmdFlag.NO_HOLE) === 0) flags |= ZeroFlags.MAY_TRIM;
+        if (fast) flags |= ZeroFlags.FAST;
+        this.inflight++;
+        device.zero(request.offset, request.length, flags, (err) => this.complete(request, err));
+        return;
+      }
+      case Cmd.CACHE: {
+        if (end > size) return this.replyError(request, outOfRange("cache", request, size));
+        if (request.length === 0) return this.replySimple(request, 0);
+        this.inflight++;
+        device.cache(request.offset, request.length, (err) => this.complete(request, err));
+        return;
+      }
+      case Cmd.BLOCK_STATUS: {
+        if (!this.structured || !this.metaSelected) {
+          return this.replyError(request, invalid("block status without a selected meta context"));
+        }
+        if (request.length === 0) return this.replyError(request, invalid("block status of zero length"));
+        if (end > size) return this.replyError(request, outOfRange("block status", request, size));
+        this.inflight++;
+        device.blockStatus(request.offset, request.length, (err, extents) => {
+          if (err || !extents) return this.complete(request, err ?? new VdiskError("INTERNAL", "no extents"));
+          this.inflight--;
+          this.replyBlockStatus(request, extents);
+          this.afterCompletion();
+        });
+        return;
+      }
+      case Cmd.DISC:
+        this.draining = true;
+        this.config.log(`connection ${this.id}: client disconnect`);
+        this.afterCompletion();
+        return;
+      default:
+        return this.replyError(
+          request,
+          new VdiskError("UNKNOWN_COMMAND", `unknown command ${commandName(request.type)}`),
+        );
+    }
+  }
+
+  private doRead(device: BlockDevice, request: NbdRequest): void {
+    const prefix = this.structured ? DATA_CHUNK_PREFIX_BYTES : SimpleReplyHeaderBytes;
+    const reply = Buffer.allocUnsafe(prefix + request.length);
+    const data = reply.subarray(prefix);
+    this.inflight++;
+    this.counters.bytesRead += request.length;
+    device.read(data, request.offset, (err, holes) => {
+      this.inflight--;
+      if (this.phase === Phase.CLOSED) return;
+      if (err) {
+        this.replyError(request, err);
+      } else if (
+        this.structured &&
+        holes &&
+        holes.length > 0 &&
+        (request.flags & CmdFlag.DF) === 0
+      ) {
+        this.replySparseRead(request, data, holes);
+      } else {
+        if (this.structured) {
+          writeStructuredHeader(reply, request, ReplyFlag.DONE, ReplyType.OFFSET_DATA, 8 + request.length);
+          writeUInt64(reply, request.offset, StructuredReplyHeaderBytes);
+        } else {
+          writeSimpleHeader(reply, request, 0);
+        }
+        this.send(reply);
+      }
+      this.afterCompletion();
+    });
+  }
+
+  private complete(request: NbdRequest, err: VdiskError | null): void {
+    this.inflight--;
+    if (this.phase !== Phase.CLOSED) {
+      if (err) this.replyError(request, err);
+      else this.replySimple(request, 0);
+    }
+    this.afterCompletion();
+  }
+
+  private afterCompletion(): void {
+    if (this.phase === Phase.CLOSED) return;
+    if (this.draining && this.inflight === 0) {
+      // Let corked replies out, then end the connection.
+      if (this.corked) this.uncork();
+      const callbacks = this.onDrainedCallbacks.splice(0);
+      this.phase = Phase.CLOSED;
+      this.socket.end();
+      this.releaseHandle();
+      for (const callback of callbacks) callback();
+      return;
+    }
+    if (this.paused || this.queue.length > 0) this.maybeResume();
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Replies
+
+  private send(buffer: Buffer): void {
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      setImmediate(this.uncork);
+    }
+    this.socket.write(buffer);
+  }
+
+  private replySimple(request: NbdRequest, errno: number): void {
+    const reply = Buffer.allocUnsafe(SimpleReplyHeaderBytes);
+    writeSimpleHeader(reply, request, errno);
+    this.send(reply);
+  }
+
+  private replyReadEmpty(request: NbdRequest): void {
+    if (!this.structured) return this.replySimple(request, 0);
+    const reply = Buffer.allocUnsafe(StructuredReplyHeaderBytes);
+    writeStructuredHeader(reply, request, ReplyFlag.DONE, ReplyType.NONE, 0);
+    this.send(reply);
+  }
+
+  private replyError(request: NbdRequest, err: VdiskError): void {
+    this.counters.errors++;
+    let errno: NbdErrnoValue = nbdErrnoOf(err);
+    // ENOTSUP is only allowed on the wire for FAST_ZERO requests (nbdkit does the same).
+    if (errno === NbdErrno.ENOTSUP && !(request.type === Cmd.WRITE_ZEROES && request.flags & CmdFlag.FAST_ZERO)) {
+      errno = NbdErrno.EINVAL;
+    }
+    if (!this.structured) return this.replySimple(request, errno);
+    const message = Buffer.from(err.message.slice(0, 200), "utf8");
+    const reply = Buffer.allocUnsafe(StructuredReplyHeaderBytes + 6 + message.length);
+    writeStructuredHeader(reply, request, ReplyFlag.DONE, ReplyType.ERROR, 6 + message.length);
+    reply.writeUInt32BE(errno, StructuredReplyHeaderBytes);
+    reply.writeUInt16BE(message.length, StructuredReplyHeaderBytes + 4);
+    message.copy(reply, StructuredReplyHeaderBytes + 6);
+    this.send(reply);
+  }
+
+  /** A read with known holes: OFFSET_DATA chunks for data, OFFSET_HOLE chunks for holes; DONE on the last. */
+  private replySparseRead(request: NbdRequest, data: Buffer, holes: number[]): void {
+    const chunks: Array<{ start: number; length: number; hole: boolean }> = [];
+    let position = 0;
+    for (let i = 0; i < holes.length; i += 2) {
+      const start = holes[i] as number;
+      const length = holes[i + 1] as number;
+      if (length <= 0 || start < position || start + length > data.length) continue; // defensive: skip junk
+      if (start > position) chunks.push({ start: position, length: start - position, hole: false });
+      chunks.push({ start, length, hole: true });
+      position = start + length;
+    }
+    if (position < data.length) chunks.push({ start: position, length: data.length - position, hole: false });
+    chunks.forEach((chunk, index) => {
+      const flags = index === chunks.length - 1 ? ReplyFlag.DONE : 0;
+      if (chunk.hole) {
+        const header = Buffer.allocUnsafe(StructuredReplyHeaderBytes + 12);
+        writeStructuredHeader(header, request, flags, ReplyType.OFFSET_HOLE, 12);
+        writeUInt64(header, request.offset + chunk.start, StructuredReplyHeaderBytes);
+        header.writeUInt32BE(chunk.length, StructuredReplyHeaderBytes + 8);
+        this.send(header);
+      } else {
+        const header = Buffer.allocUnsafe(DATA_CHUNK_PREFIX_BYTES);
+        writeStructuredHeader(header, request, flags, ReplyType.OFFSET_DATA, 8 + chunk.length);
+        writeUInt64(header, request.offset + chunk.start, StructuredReplyHeaderBytes);
+        this.send(header);
+        this.send(data.subarray(chunk.start, chunk.start + chunk.length));
+      }
+    });
+  }
+
+  private replyBlockStatus(request: NbdRequest, extents: Extent[]): void {
+    if (this.phase === Phase.CLOSED) return;
+    const reqOne = (request.flags & CmdFlag.REQ_ONE) !== 0;
+    const maxCount = reqOne ? 1 : limits.blockStatusExtentsMax;
+    const lengths: number[] = [];
+    const flags: number[] = [];
+    let total = 0;
+    for (const extent of extents) {
+      if (lengths.length >= maxCount || total >= request.length) break;
+      if (!(extent.length > 0)) break;
+      const length = Math.min(extent.length, request.length - total);
+      // Merge neighbours with equal flags (devices may split extents at internal boundaries).
+      const last = lengths.length - 1;
+      if (last >= 0 && flags[last] === extent.flags) lengths[last] += length;
+      else {
+        lengths.push(length);
+        flags.push(extent.flags & 3);
+      }
+      total += length;
+    }
+    if (lengths.length === 0) {
+      return this.replyError(request, new VdiskError("INTERNAL", "device returned no extents"));
+    }
+    const payloadBytes = 4 + 8 * lengths.length;
+    const reply = Buffer.allocUnsafe(StructuredReplyHeaderBytes + payloadBytes);
+    writeStructuredHeader(reply, request, ReplyFlag.DONE, ReplyType.BLOCK_STATUS, payloadBytes);
+    reply.writeUInt32BE(BASE_ALLOCATION_ID, StructuredReplyHeaderBytes);
+    for (let i = 0; i < lengths.length; i++) {
+      reply.writeUInt32BE(lengths[i] as number, StructuredReplyHeaderBytes + 4 + 8 * i);
+      reply.writeUInt32BE(flags[i] as number, StructuredReplyHeaderBytes + 8 + 8 * i);
+    }
+    this.send(reply);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Life cycle
+
+  /**
+   * Server shutdown: refuse new requests with ESHUTDOWN, let in-flight ones finish, then end.
+   * Calls `done` once this connection is closed.
+   */
+  shutdown(done: () => void): void {
+    if (this.phase !== Phase.TRANSMISSION) {
+      this.close("server shutting down");
+      done();
+      return;
+    }
+    this.shuttingDown = true;
+    this.draining = true;
+    this.onDrainedCallbacks.push(done);
+    this.afterCompletion();
+  }
+
+  /** Hard close. `reason` is logged when not null. */
+  close(reason: string | null): void {
+    if (reason !== null) this.config.log(`connection ${this.id}: closing: ${reason}`);
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
+    const wasClosed = this.phase === Phase.CLOSED && this.socket.destroyed;
+    this.phase = Phase.CLOSED;
+    if (!this.socket.destroyed) this.socket.destroy();
+    this.queue.clear();
+    this.releaseHandle();
+    for (const callback of this.onDrainedCallbacks.splice(0)) callback();
+    if (!wasClosed) this.onClose(this);
+  }
+
+  private releaseHandle(): void {
+    if (this.handle) {
+      const handle = this.handle;
+      this.handle = null;
+      handle.release();
+    }
+  }
+}
+
+// -----------------------------------------------------------------------------------------------
+// Encoding helpers
+
+function writeUInt64(buffer: Buffer, value: number, offset: number): void {
+  buffer.writeUInt32BE(Math.floor(value / 0x1_0000_0000), offset);
+  buffer.writeUInt32BE(value >>> 0, offset + 4);
+}
+
+function u16(value: number): Buffer {
+  const buffer = Buffer.allocUnsafe(2);
+  buffer.writeUInt16BE(value, 0);
+  return buffer;
+}
+
+function writeSimpleHeader(buffer: Buffer, request: NbdRequest, errno: number): void {
+  buffer.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+  buffer.writeUInt32BE(errno, 4);
+  buffer.writeUInt32BE(request.cookieHi, 8);
+  buffer.writeUInt32BE(request.cookieLo, 12);
+}
+
+function writeStructuredHeader(
+  buffer: Buffer,
+  request: NbdRequest,
+  flags: number,
+  type: number,
+  length: number,
+): void {
+  buffer.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
+  buffer.writeUInt16BE(flags, 4);
+  buffer.writeUInt16BE(type, 6);
+  buffer.writeUInt32BE(request.cookieHi, 8);
+  buffer.writeUInt32BE(request.cookieLo, 12);
+  buffer.writeUInt32BE(length, 16);
+}
+
+function invalid(message: string): VdiskError {
+  return new VdiskError("INVALID_ARGUMENT", message);
+}
+
+function outOfRange(what: string, request: NbdRequest, size: number): VdiskError {
+  return new VdiskError(
+    "OUT_OF_RANGE",
+    `${what} of ${request.length} bytes at ${request.offset} is beyond the end of the export (${size} bytes)`,
+  );
+}
+
+function writeOutOfRange(what: string, request: NbdRequest, size: number): VdiskError {
+  return new VdiskError(
+    "WRITE_OUT_OF_RANGE",
+    `${what} of ${request.length} bytes at ${request.offset} is beyond the end of the export (${size} bytes)`,
+  );
+}
