@@ -178,7 +178,11 @@ export class Connection {
       }
       if (message.kind === "tooBig") {
         if (message.option === Opt.EXPORT_NAME) throw new VdiskError("PROTOCOL", "export name too long");
-        this.optionError(message.option, Rep.ERR_TOO_BIG, `option data of ${message.length} bytes is too big`);
+        this.optionError(
+          message.option,
+          Rep.ERR_TOO_BIG,
+          `option data of ${message.length} bytes is too big`,
+        );
         continue;
       }
       this.handleOption(message.option, message.data);
@@ -296,7 +300,8 @@ export class Connection {
   private optInfoGo(option: number, data: Buffer): void {
     if (data.length < 6) return this.optionError(option, Rep.ERR_INVALID, "option data too short");
     const nameLength = data.readUInt32BE(0);
-    if (nameLength > data.length - 6) return this.optionError(option, Rep.ERR_INVALID, "name length too long");
+    if (nameLength > data.length - 6)
+      return this.optionError(option, Rep.ERR_INVALID, "name length too long");
     const name = data.toString("utf8", 4, 4 + nameLength);
     const infoCount = data.readUInt16BE(4 + nameLength);
     if (data.length !== 6 + nameLength + 2 * infoCount) {
@@ -370,7 +375,8 @@ export class Connection {
       return this.optionError(option, Rep.ERR_TOO_BIG, "too many queries");
     }
     const found = this.config.exports.lookup(parsed.exportName);
-    if (found === null) return this.optionError(option, Rep.ERR_UNKNOWN, `no export named "${parsed.exportName}"`);
+    if (found === null)
+      return this.optionError(option, Rep.ERR_UNKNOWN, `no export named "${parsed.exportName}"`);
 
     let matches: boolean;
     if (isSet) {
@@ -428,7 +434,8 @@ export class Connection {
 
   private dispatch(request: NbdRequest): void {
     this.counters.requests++;
-    if (this.shuttingDown) return this.replyError(request, new VdiskError("SHUTTING_DOWN", "server shutting down"));
+    if (this.shuttingDown)
+      return this.replyError(request, new VdiskError("SHUTTING_DOWN", "server shutting down"));
     const device = this.device as BlockDevice;
     const readOnly = (this.transmissionFlags & TransmissionFlag.READ_ONLY) !== 0;
     const end = request.offset + request.length;
@@ -440,9 +447,13 @@ export class Connection {
         if ((request.flags & CmdFlag.DF) !== 0 && !this.structured) {
           return this.replyError(request, invalid("DF flag without structured replies"));
         }
-        if ((request.flags & ~READ_FLAGS_KNOWN) !== 0) return this.replyError(request, invalid("unknown read flags"));
+        if ((request.flags & ~READ_FLAGS_KNOWN) !== 0)
+          return this.replyError(request, invalid("unknown read flags"));
         if (request.length > this.config.requestBytesMax) {
-          return this.replyError(request, new VdiskError("TOO_LARGE", "read larger than the maximum payload"));
+          return this.replyError(
+            request,
+            new VdiskError("TOO_LARGE", "read larger than the maximum payload"),
+          );
         }
         if (end > size) return this.replyError(request, outOfRange("read", request, size));
         if (request.length === 0) return this.replyReadEmpty(request);
@@ -450,7 +461,10 @@ export class Connection {
       }
       case Cmd.WRITE: {
         if (request.error === "TOO_LARGE") {
-          return this.replyError(request, new VdiskError("TOO_LARGE", "write larger than the maximum payload"));
+          return this.replyError(
+            request,
+            new VdiskError("TOO_LARGE", "write larger than the maximum payload"),
+          );
         }
         if (readOnly) return this.replyError(request, new VdiskError("READ_ONLY", "export is read-only"));
         if (end > size) return this.replyError(request, writeOutOfRange("write", request, size));
@@ -533,12 +547,7 @@ export class Connection {
       if (this.phase === Phase.CLOSED) return;
       if (err) {
         this.replyError(request, err);
-      } else if (
-        this.structured &&
-        holes &&
-        holes.length > 0 &&
-        (request.flags & CmdFlag.DF) === 0
-      ) {
+      } else if (this.structured && holes && holes.length > 0 && (request.flags & CmdFlag.DF) === 0) {
         this.replySparseRead(request, data, holes);
       } else {
         if (this.structured) {
@@ -606,7 +615,10 @@ export class Connection {
     this.counters.errors++;
     let errno: NbdErrnoValue = nbdErrnoOf(err);
     // ENOTSUP is only allowed on the wire for FAST_ZERO requests (nbdkit does the same).
-    if (errno === NbdErrno.ENOTSUP && !(request.type === Cmd.WRITE_ZEROES && request.flags & CmdFlag.FAST_ZERO)) {
+    if (
+      errno === NbdErrno.ENOTSUP &&
+      !(request.type === Cmd.WRITE_ZEROES && request.flags & CmdFlag.FAST_ZERO)
+    ) {
       errno = NbdErrno.EINVAL;
     }
     if (!this.structured) return this.replySimple(request, errno);

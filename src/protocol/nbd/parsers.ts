@@ -19,7 +19,14 @@
  */
 import { VdiskError } from "../../errors";
 import { ByteQueue } from "./byte-queue";
-import { Cmd, IHAVEOPT_HI, IHAVEOPT_LO, OptionHeaderBytes, REQUEST_MAGIC, RequestHeaderBytes } from "./constants";
+import {
+  Cmd,
+  IHAVEOPT_HI,
+  IHAVEOPT_LO,
+  OptionHeaderBytes,
+  REQUEST_MAGIC,
+  RequestHeaderBytes,
+} from "./constants";
 
 export type HandshakeMessage =
   | { kind: "clientFlags"; flags: number }

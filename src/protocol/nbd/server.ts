@@ -54,7 +54,8 @@ export class NbdServer {
   constructor(private readonly options: NbdServerOptions) {
     this.requestBytesMax = options.requestBytesMax ?? limits.requestBytesMaxDefault;
     this.connectionsMax = options.connectionsMax ?? limits.connectionsMaxDefault;
-    this.inflightPerConnectionMax = options.inflightPerConnectionMax ?? limits.inflightPerConnectionMaxDefault;
+    this.inflightPerConnectionMax =
+      options.inflightPerConnectionMax ?? limits.inflightPerConnectionMaxDefault;
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? limits.handshakeTimeoutMsDefault;
     this.log = options.log ?? (() => {});
     const check = (ok: boolean, message: string): void => {
@@ -109,7 +110,9 @@ export class NbdServer {
   private accept(socket: net.Socket): void {
     if (this.closing || this.connections.size >= this.connectionsMax) {
       this.connectionsRefused++;
-      this.log(`refusing connection: ${this.closing ? "shutting down" : `limit of ${this.connectionsMax} reached`}`);
+      this.log(
+        `refusing connection: ${this.closing ? "shutting down" : `limit of ${this.connectionsMax} reached`}`,
+      );
       socket.destroy();
       return;
     }
@@ -155,7 +158,9 @@ export class NbdServer {
   /** Stop accepting, let in-flight requests finish (up to timeoutMs), then close every connection. */
   async shutdown(timeoutMs: number): Promise<void> {
     this.closing = true;
-    const closed = this.listeners.map((listener) => new Promise<void>((resolve) => listener.close(() => resolve())));
+    const closed = this.listeners.map(
+      (listener) => new Promise<void>((resolve) => listener.close(() => resolve())),
+    );
     const drained = [...this.connections].map(
       (connection) => new Promise<void>((resolve) => connection.shutdown(resolve)),
     );
