@@ -11,7 +11,9 @@ export function readAsync(dev: BlockDevice, buf: Buffer, offset: number): Promis
 }
 
 export function writeAsync(dev: BlockDevice, buf: Buffer, offset: number, fua = false): Promise<void> {
-  return new Promise((resolve, reject) => dev.write(buf, offset, fua, (err) => (err ? reject(err) : resolve())));
+  return new Promise((resolve, reject) =>
+    dev.write(buf, offset, fua, (err) => (err ? reject(err) : resolve())),
+  );
 }
 
 export function zeroAsync(dev: BlockDevice, offset: number, length: number, flags: number): Promise<void> {
@@ -21,7 +23,9 @@ export function zeroAsync(dev: BlockDevice, offset: number, length: number, flag
 }
 
 export function trimAsync(dev: BlockDevice, offset: number, length: number, fua = false): Promise<void> {
-  return new Promise((resolve, reject) => dev.trim(offset, length, fua, (err) => (err ? reject(err) : resolve())));
+  return new Promise((resolve, reject) =>
+    dev.trim(offset, length, fua, (err) => (err ? reject(err) : resolve())),
+  );
 }
 
 export function flushAsync(dev: BlockDevice): Promise<void> {
@@ -29,7 +33,9 @@ export function flushAsync(dev: BlockDevice): Promise<void> {
 }
 
 export function cacheAsync(dev: BlockDevice, offset: number, length: number): Promise<void> {
-  return new Promise((resolve, reject) => dev.cache(offset, length, (err) => (err ? reject(err) : resolve())));
+  return new Promise((resolve, reject) =>
+    dev.cache(offset, length, (err) => (err ? reject(err) : resolve())),
+  );
 }
 
 export function blockStatusAsync(dev: BlockDevice, offset: number, length: number): Promise<Extent[]> {
