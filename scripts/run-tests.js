@@ -8,7 +8,9 @@ const { spawnSync } = require("node:child_process");
 const fs = require("node:fs");
 const path = require("node:path");
 
-const kinds = process.argv.slice(2).length ? process.argv.slice(2) : ["unit", "property", "fuzz", "crash", "interop"];
+const kinds = process.argv.slice(2).length
+  ? process.argv.slice(2)
+  : ["unit", "property", "fuzz", "crash", "interop"];
 const files = [];
 function walk(dir) {
   if (!fs.existsSync(dir)) return;

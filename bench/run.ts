@@ -1,0 +1,299 @@
+/**
+ * `npm run bench`: the same fio workloads (fio's nbd engine, over a Unix socket) against vdisk and its
+ * peers in one run, side by side, with ratios. Performance claims come from here, never from tests.
+ *
+ * Servers (each gets its own freshly written copy of one pseudo-random raw image, in the page cache —
+ * see ../shared/ANCHORS.md for why a copy filled by writes matters):
+ *   vdisk raw            `vdisk serve` on a raw disk created by `vdisk import`
+ *   qemu-nbd raw         qemu-nbd -f raw -t -e 8 --cache=writeback --aio=threads
+ *   qemu-nbd io_uring    same with --aio=io_uring
+ *   nbdkit file          nbdkit file plugin
+ * Rows: 4 KiB random read QD1 and QD32, 4 KiB random write QD32, 64 KiB sequential read QD8,
+ * 1 MiB sequential write QD8. Each figure is the median of BENCH_RUNS runs.
+ *
+ * Environment: BENCH_SIZE (default 4G), BENCH_SECONDS (10), BENCH_RAMP (2), BENCH_RUNS (3),
+ * BENCH_SERVERS (comma list of ids to run), BENCH_ROWS (comma list of row ids), BENCH_DIR (scratch dir).
+ * Results: a table on stdout and JSON in bench/results/<timestamp>.json with the machine's description.
+ */
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { parseSize } from "../src/util/size";
+
+const root = path.resolve(__dirname, "..", "..");
+const vdiskBin = path.join(root, "bin", "vdisk");
+
+interface Row {
+  id: string;
+  label: string;
+  rw: string;
+  bs: string;
+  iodepth: number;
+  unit: "IOPS" | "GB/s";
+}
+
+const ROWS: Row[] = [
+  { id: "randread-4k-qd1", label: "4K rand read QD1", rw: "randread", bs: "4k", iodepth: 1, unit: "IOPS" },
+  { id: "randread-4k-qd32", label: "4K rand read QD32", rw: "randread", bs: "4k", iodepth: 32, unit: "IOPS" },
+  {
+    id: "randwrite-4k-qd32",
+    label: "4K rand write QD32",
+    rw: "randwrite",
+    bs: "4k",
+    iodepth: 32,
+    unit: "IOPS",
+  },
+  { id: "read-64k-qd8", label: "64K seq read QD8", rw: "read", bs: "64k", iodepth: 8, unit: "GB/s" },
+  { id: "write-1m-qd8", label: "1M seq write QD8", rw: "write", bs: "1m", iodepth: 8, unit: "GB/s" },
+];
+
+interface Server {
+  id: string;
+  label: string;
+  start(image: string, socket: string, scratch: string): Promise<{ uri: string; stop: () => Promise<void> }>;
+}
+
+function env(name: string, fallback: string): string {
+  return process.env[name] ?? fallback;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+async function waitForSocket(socket: string, child: ChildProcess, what: string): Promise<void> {
+  for (let i = 0; i < 300; i++) {
+    if (fs.existsSync(socket)) return;
+    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`);
+    await sleep(100);
+  }
+  throw new Error(`${what} did not create ${socket}`);
+}
+
+function stopChild(child: ChildProcess): Promise<void> {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) return resolve();
+    const timer = setTimeout(() => child.kill("SIGKILL"), 15_000);
+    child.once("exit", () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    child.kill("SIGTERM");
+  });
+}
+
+function run(command: string, args: string[]): string {
+  const result = spawnSync(command, args, { encoding: "utf8", maxBuffer: 64 * 1024 * 1024 });
+  if (result.status !== 0) {
+    throw new Error(`${command} ${args.join(" ")} failed (${result.status}): ${result.stderr}`);
+  }
+  return result.stdout;
+}
+
+function qemuNbd(id: string, label: string, aio: string): Server {
+  return {
+    id,
+    label,
+    async start(image, socket) {
+      const child = spawn(
+        "qemu-nbd",
+        ["-f", "raw", "-t", "-e", "8", "--cache=writeback", `--aio=${aio}`, "-k", socket, image],
+        { stdio: "ignore" },
+      );
+      await waitForSocket(socket, child, "qemu-nbd");
+      return { uri: `nbd+unix:///?socket=${socket}`, stop: () => stopChild(child) };
+    },
+  };
+}
+
+const SERVERS: Server[] = [
+  {
+    id: "vdisk",
+    label: "vdisk raw",
+    async start(image, socket, scratch) {
+      const home = path.join(scratch, "vdisk-home");
+      const child = spawn(
+        process.execPath,
+        [vdiskBin, "serve", "--home", home, "--listen", "none", "--http", "none", "--socket", socket],
+        { stdio: ["ignore", "ignore", "inherit"] },
+      );
+      await waitForSocket(socket, child, "vdisk serve");
+      await waitForSocket(path.join(home, "run", "daemon.json"), child, "vdisk serve");
+      // The disk is written through vdisk itself, so its page cache is filled by writes like the others'.
+      run(process.execPath, [vdiskBin, "import", "--home", home, image, "bench"]);
+      fs.rmSync(image);
+      return { uri: `nbd+unix:///bench?socket=${socket}`, stop: () => stopChild(child) };
+    },
+  },
+  qemuNbd("qemu-nbd", "qemu-nbd raw (threads)", "threads"),
+  qemuNbd("qemu-nbd-uring", "qemu-nbd raw io_uring", "io_uring"),
+  {
+    id: "nbdkit",
+    label: "nbdkit file",
+    async start(image, socket) {
+      const child = spawn("nbdkit", ["--foreground", "--unix", socket, "file", `file=${image}`], {
+        stdio: "ignore",
+      });
+      await waitForSocket(socket, child, "nbdkit");
+      return { uri: `nbd+unix:///?socket=${socket}`, stop: () => stopChild(child) };
+    },
+  },
+];
+
+interface Measurement {
+  value: number;
+  latencyUsMean: number;
+}
+
+function fio(uri: string, row: Row, seconds: number, ramp: number, output: string): Measurement {
+  run("fio", [
+    "--name=bench",
+    "--ioengine=nbd",
+    `--uri=${uri}`,
+    `--rw=${row.rw}`,
+    `--bs=${row.bs}`,
+    `--iodepth=${row.iodepth}`,
+    "--time_based",
+    `--runtime=${seconds}`,
+    `--ramp_time=${ramp}`,
+    "--norandommap",
+    "--randrepeat=0",
+    "--output-format=json",
+    `--output=${output}`,
+  ]);
+  const report = JSON.parse(fs.readFileSync(output, "utf8"));
+  const job = report.jobs[0];
+  const side = row.rw.includes("write") ? job.write : job.read;
+  const value = row.unit === "IOPS" ? side.iops : side.bw_bytes / 1e9;
+  return { value, latencyUsMean: side.lat_ns.mean / 1000 };
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)] as number;
+}
+
+function format(value: number, unit: Row["unit"]): string {
+  return unit === "IOPS" ? `${(value / 1000).toFixed(1)}k` : `${value.toFixed(2)} GB/s`;
+}
+
+function describeMachine(): Record<string, unknown> {
+  const version = (command: string, args: string[]): string => {
+    const result = spawnSync(command, args, { encoding: "utf8" });
+    return (result.stdout || result.stderr || "").split("\n")[0]?.trim() ?? "";
+  };
+  return {
+    cpus: os.cpus().length,
+    cpuModel: os.cpus()[0]?.model,
+    memoryBytes: os.totalmem(),
+    kernel: os.release(),
+    node: process.version,
+    fio: version("fio", ["--version"]),
+    qemuNbd: version("qemu-nbd", ["--version"]),
+    nbdkit: version("nbdkit", ["--version"]),
+  };
+}
+
+async function main(): Promise<void> {
+  const size = parseSize(env("BENCH_SIZE", "4G"));
+  const seconds = Number(env("BENCH_SECONDS", "10"));
+  const ramp = Number(env("BENCH_RAMP", "2"));
+  const runs = Number(env("BENCH_RUNS", "3"));
+  const serverFilter = process.env.BENCH_SERVERS?.split(",");
+  const rowFilter = process.env.BENCH_ROWS?.split(",");
+  const servers = SERVERS.filter((s) => !serverFilter || serverFilter.includes(s.id));
+  const rows = ROWS.filter((r) => !rowFilter || rowFilter.includes(r.id));
+  const scratch = fs.mkdtempSync(path.join(process.env.BENCH_DIR ?? os.tmpdir(), "vdisk-bench-"));
+  console.log(
+    `vdisk bench: ${servers.length} servers × ${rows.length} rows × ${runs} runs of ${seconds}s, image ${size} bytes`,
+  );
+
+  const master = path.join(scratch, "master.raw");
+  run("fio", [
+    "--name=fill",
+    `--filename=${master}`,
+    "--rw=write",
+    "--bs=1m",
+    `--size=${size}`,
+    "--output=/dev/null",
+  ]);
+
+  const results: Record<
+    string,
+    Record<string, { median: number; runs: number[]; latencyUsMean: number }>
+  > = {};
+  try {
+    for (const server of servers) {
+      const image = path.join(scratch, `${server.id}.raw`);
+      run("cp", ["--sparse=never", master, image]);
+      const socket = path.join(scratch, `${server.id}.sock`);
+      process.stdout.write(`${server.label}: starting... `);
+      const { uri, stop } = await server.start(image, socket, scratch);
+      results[server.id] = {};
+      try {
+        for (const row of rows) {
+          const values: number[] = [];
+          const latencies: number[] = [];
+          for (let i = 0; i < runs; i++) {
+            const m = fio(uri, row, seconds, ramp, path.join(scratch, "fio.json"));
+            values.push(m.value);
+            latencies.push(m.latencyUsMean);
+          }
+          (results[server.id] as Record<string, unknown>)[row.id] = {
+            median: median(values),
+            runs: values,
+            latencyUsMean: median(latencies),
+          };
+          process.stdout.write(`${row.id}=${format(median(values), row.unit)} `);
+        }
+      } finally {
+        await stop();
+        fs.rmSync(image, { force: true });
+        fs.rmSync(path.join(scratch, "vdisk-home"), { recursive: true, force: true });
+      }
+      process.stdout.write("\n");
+    }
+  } finally {
+    fs.rmSync(scratch, { recursive: true, force: true });
+  }
+
+  // Table: each server's figure, then vdisk / qemu-nbd and vdisk / best peer.
+  const header = ["row", ...servers.map((s) => s.label), "vdisk/qemu-nbd", "vdisk/best peer"];
+  const lines = [header];
+  for (const row of rows) {
+    const cells = [row.label];
+    for (const server of servers) {
+      const r = results[server.id]?.[row.id];
+      cells.push(r ? format(r.median, row.unit) : "-");
+    }
+    const ours = results.vdisk?.[row.id]?.median;
+    const qemu = results["qemu-nbd"]?.[row.id]?.median;
+    const peers = servers.filter((s) => s.id !== "vdisk").map((s) => results[s.id]?.[row.id]?.median ?? 0);
+    const best = Math.max(0, ...peers);
+    cells.push(ours && qemu ? `${(ours / qemu).toFixed(2)}×` : "-");
+    cells.push(ours && best ? `${(ours / best).toFixed(2)}×` : "-");
+    lines.push(cells);
+  }
+  const widths = header.map((_, i) => Math.max(...lines.map((l) => (l[i] ?? "").length)));
+  console.log();
+  for (const line of lines) console.log(line.map((cell, i) => cell.padEnd(widths[i] as number)).join("  "));
+
+  const out = {
+    date: new Date().toISOString(),
+    machine: describeMachine(),
+    settings: { sizeBytes: size, seconds, ramp, runs },
+    servers: servers.map((s) => ({ id: s.id, label: s.label })),
+    rows,
+    results,
+  };
+  const file = path.join(root, "bench", "results", `${out.date.replace(/[:.]/g, "-")}.json`);
+  fs.mkdirSync(path.dirname(file), { recursive: true });
+  fs.writeFileSync(file, JSON.stringify(out, null, 2) + "\n");
+  console.log(`\nresults: ${path.relative(process.cwd(), file)}`);
+}
+
+main().catch((err) => {
+  console.error(`bench failed: ${err instanceof Error ? err.message : String(err)}`);
+  process.exit(1);
+});

@@ -1,0 +1,281 @@
+/**
+ * The `vdisk` command (commander). `serve` runs the daemon in this process; every other command talks to
+ * the running daemon of the home through the API (client.ts), so the CLI holds no state of its own.
+ *
+ * Every command takes `--home DIR` (else $VDISK_HOME, else ./vdisk-home) and `--json` (print the API's JSON
+ * body exactly). Exit status: 0 success, 1 a VdiskError (printed as `vdisk: error:` + `  hint:`), 2 a usage
+ * error found by commander.
+ */
+import * as path from "node:path";
+import { Command, CommanderError, InvalidArgumentError } from "commander";
+import { VdiskError } from "../errors";
+import { blockBytesPreferred, requestBytesMaxCeiling } from "../limits";
+import { runDaemon, vdiskVersion, type DaemonOptions } from "../daemon/daemon";
+import { resolveHome } from "../daemon/home";
+import type { DiskInfo } from "../daemon/registry";
+import type { JobView } from "../daemon/jobs";
+import { formatSize, parseDiskSize, parseSize } from "../util/size";
+import { ApiClient, type ApiResult } from "./client";
+import { diskDetails, diskTable, jobProgress, jobSummary, keyValues, printError } from "./output";
+
+interface CommonOptions {
+  home?: string;
+  json?: boolean;
+}
+
+const jobPollMs = 200;
+
+function clientFor(options: CommonOptions): ApiClient {
+  return new ApiClient(resolveHome(options.home));
+}
+
+function print(text: string): void {
+  process.stdout.write(text.endsWith("\n") ? text : `${text}\n`);
+}
+
+/** --json: the API's body as received; otherwise the human rendering. */
+function output<T>(options: CommonOptions, result: ApiResult<T>, human: (data: T) => string): void {
+  print(options.json ? result.text : human(result.data));
+}
+
+function diskPath(name: string): string {
+  return `/v1/disks/${encodeURIComponent(name)}`;
+}
+
+function positiveInteger(option: string): (value: string) => number {
+  return (value) => {
+    const number = Number(value);
+    if (!/^\d+$/.test(value) || !Number.isSafeInteger(number) || number < 1) {
+      throw new InvalidArgumentError(`${option} takes a whole number of at least 1, not "${value}"`);
+    }
+    return number;
+  };
+}
+
+function requestBytes(text: string): number {
+  const bytes = parseSize(text);
+  if (bytes < blockBytesPreferred || bytes > requestBytesMaxCeiling) {
+    throw new VdiskError(
+      "BAD_SIZE",
+      `--max-request ${text} is outside ${formatSize(blockBytesPreferred)}..${formatSize(requestBytesMaxCeiling)}`,
+      {
+        hint: "the default is 32M; give a size from 4K to 256M",
+      },
+    );
+  }
+  return bytes;
+}
+
+// ---- Commands ------------------------------------------------------------------------------------------
+
+interface ServeOptions extends CommonOptions {
+  listen?: string;
+  socket?: string;
+  http?: string;
+  maxRequest?: string;
+  maxConnections?: number;
+  maxInflight?: number;
+}
+
+async function serve(options: ServeOptions): Promise<void> {
+  const daemonOptions: DaemonOptions = {
+    home: options.home,
+    listen: options.listen,
+    socket: options.socket,
+    http: options.http,
+    requestBytesMax: options.maxRequest === undefined ? undefined : requestBytes(options.maxRequest),
+    connectionsMax: options.maxConnections,
+    inflightPerConnectionMax: options.maxInflight,
+  };
+  try {
+    await runDaemon(daemonOptions, options.json ? "json" : "text");
+  } catch (err) {
+    process.exit(printError(err));
+  }
+}
+
+async function create(name: string, options: CommonOptions & { size: string }): Promise<void> {
+  const size = parseDiskSize(options.size);
+  const result = await clientFor(options).post<DiskInfo>("/v1/disks", { name, size });
+  output(
+    options,
+    result,
+    (disk) => `created disk ${disk.name}: ${formatSize(disk.size)}, thin (${disk.file})`,
+  );
+}
+
+async function list(options: CommonOptions): Promise<void> {
+  const result = await clientFor(options).get<{ disks: DiskInfo[] }>("/v1/disks");
+  output(options, result, (data) => diskTable(data.disks));
+}
+
+async function info(name: string, options: CommonOptions): Promise<void> {
+  output(options, await clientFor(options).get<DiskInfo>(diskPath(name)), diskDetails);
+}
+
+async function resize(
+  name: string,
+  options: CommonOptions & { size: string; shrink?: boolean },
+): Promise<void> {
+  const size = parseDiskSize(options.size);
+  const body = { size, shrink: options.shrink === true };
+  const result = await clientFor(options).post<DiskInfo>(`${diskPath(name)}/resize`, body);
+  output(options, result, (disk) => `disk ${disk.name} is now ${formatSize(disk.size)}`);
+}
+
+async function remove(name: string, options: CommonOptions & { force?: boolean }): Promise<void> {
+  const query = options.force ? "?force=1" : "";
+  const result = await clientFor(options).delete<{ deleted: string }>(`${diskPath(name)}${query}`);
+  output(options, result, (data) => `deleted disk ${data.deleted}`);
+}
+
+async function importImage(file: string, name: string, options: CommonOptions): Promise<void> {
+  const client = clientFor(options);
+  const started = await client.post<JobView>("/v1/import", { file: path.resolve(file), name });
+  await followJob(client, started.data, options, file, `disk ${name}`);
+}
+
+async function exportImage(name: string, file: string, options: CommonOptions): Promise<void> {
+  const client = clientFor(options);
+  const started = await client.post<JobView>("/v1/export", { name, file: path.resolve(file) });
+  await followJob(client, started.data, options, `disk ${name}`, file);
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Poll a job to its end, with a progress bar on a terminal; print the outcome; fail if the job failed. */
+async function followJob(
+  client: ApiClient,
+  job: JobView,
+  options: CommonOptions,
+  source: string,
+  target: string,
+): Promise<void> {
+  const progress = jobProgress(!options.json && process.stderr.isTTY === true, job.kind);
+  let result: ApiResult<JobView> = { status: 200, text: JSON.stringify(job, null, 2), data: job };
+  try {
+    while (result.data.state === "running") {
+      progress.update(result.data);
+      await sleep(jobPollMs);
+      result = await client.get<JobView>(`/v1/jobs/${job.id}`);
+    }
+    progress.update(result.data);
+  } finally {
+    progress.stop();
+  }
+  const final = result.data;
+  if (options.json) print(result.text);
+  if (final.state === "failed") {
+    const error = final.error;
+    throw new VdiskError(error?.code ?? "INTERNAL", error?.message ?? `${final.kind} failed`, {
+      hint: error?.hint ?? undefined,
+    });
+  }
+  if (!options.json) print(jobSummary(final, source, target));
+}
+
+interface StatusView {
+  version: string;
+  pid: number;
+  home: string;
+  uptimeSeconds: number;
+  disks: number;
+  connections: number;
+  jobsRunning: number;
+  nbd: { tcp: string | null; unix: string | null };
+  http: { tcp: string | null; unix: string };
+  server: { connections: number; requests: number; errors: number };
+}
+
+async function status(options: CommonOptions): Promise<void> {
+  const result = await clientFor(options).get<StatusView>("/v1/status");
+  output(options, result, (data) =>
+    keyValues([
+      ["daemon", `vdisk ${data.version}, pid ${data.pid}, up ${data.uptimeSeconds} s`],
+      ["home", data.home],
+      ["disks", String(data.disks)],
+      ["connections", String(data.connections)],
+      ["jobs running", String(data.jobsRunning)],
+      ["NBD TCP", data.nbd.tcp ? `nbd://${data.nbd.tcp}/NAME` : "off"],
+      ["NBD socket", data.nbd.unix ? `nbd+unix:///NAME?socket=${data.nbd.unix}` : "off"],
+      ["API", data.http.tcp ? `http://${data.http.tcp}/v1/status` : "socket only"],
+      ["API socket", data.http.unix],
+      [
+        "NBD server",
+        `${data.server.connections} connections, ${data.server.requests} requests, ${data.server.errors} errors`,
+      ],
+    ]),
+  );
+}
+
+// ---- Program -------------------------------------------------------------------------------------------
+
+type Action = (...args: never[]) => Promise<void>;
+
+/** Run an action; a thrown error is printed and sets exit status 1. */
+function handled<A extends Action>(action: A): (...args: Parameters<A>) => Promise<void> {
+  return async (...args) => {
+    try {
+      await action(...args);
+    } catch (err) {
+      process.exitCode = printError(err);
+    }
+  };
+}
+
+function command(program: Command, spec: string, description: string): Command {
+  return program
+    .command(spec)
+    .description(description)
+    .option("--home <dir>", "the vdisk home (default: $VDISK_HOME, else ./vdisk-home)")
+    .option("--json", "print the API's JSON instead of text");
+}
+
+export function buildProgram(): Command {
+  const program = new Command("vdisk")
+    .description("thin virtual disks for VMs, served over NBD")
+    .version(vdiskVersion())
+    .exitOverride()
+    .showHelpAfterError("(vdisk --help lists the commands)");
+  command(program, "serve", "run the daemon: serve the home's disks over NBD and the management API")
+    .option("--listen <host:port>", "NBD TCP address, or none", "127.0.0.1:10809")
+    .option("--socket <path>", "NBD Unix socket, or none (default: HOME/run/nbd.sock)")
+    .option("--http <host:port>", "API TCP address, or none", "127.0.0.1:10810")
+    .option("--max-request <size>", "largest NBD read/write payload (default 32M)")
+    .option("--max-connections <n>", "simultaneous NBD connections", positiveInteger("--max-connections"))
+    .option("--max-inflight <n>", "NBD requests in flight per connection", positiveInteger("--max-inflight"))
+    .action(serve);
+  command(program, "create <name>", "create a thin disk")
+    .requiredOption("--size <size>", "disk size, e.g. 20G, 512M, 1.5T (binary units)")
+    .action(handled(create));
+  command(program, "list", "list the disks").action(handled(list));
+  command(program, "info <name>", "show one disk").action(handled(info));
+  command(program, "resize <name>", "grow (or with --shrink, shrink) a disk, even while it is in use")
+    .requiredOption("--size <size>", "the new size, e.g. 40G")
+    .option("--shrink", "allow making the disk smaller (the data past the new end is lost)")
+    .action(handled(resize));
+  command(program, "delete <name>", "delete a disk and its data")
+    .option("--force", "disconnect the disk's NBD clients first")
+    .action(handled(remove));
+  command(program, "import <file> <name>", "copy a raw image file into a new thin disk").action(
+    handled(importImage),
+  );
+  command(program, "export <name> <file>", "copy a disk into a new sparse raw image file").action(
+    handled(exportImage),
+  );
+  command(program, "status", "show the daemon's addresses and counters").action(handled(status));
+  return program;
+}
+
+/** Entry point: `bin/vdisk` calls main(process.argv). */
+export async function main(argv: string[]): Promise<void> {
+  try {
+    await buildProgram().parseAsync(argv);
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      process.exitCode = err.exitCode === 0 ? 0 : 2;
+      return;
+    }
+    process.exitCode = printError(err);
+  }
+}

@@ -1,0 +1,357 @@
+/**
+ * The management API: HTTP/JSON with node:http, on the home's Unix socket (always) and on a TCP address
+ * (127.0.0.1:10810 by default; none to disable). The CLI is its main client; `--json` prints its bodies.
+ *
+ *   GET    /v1/status                 daemon, addresses, connections, NBD server stats
+ *   GET    /v1/disks                  {"disks":[disk...]}
+ *   POST   /v1/disks                  {"name","size"} → 201 disk          (size: bytes or "20G")
+ *   GET    /v1/disks/NAME             disk
+ *   POST   /v1/disks/NAME/resize      {"size","shrink"?} → disk
+ *   DELETE /v1/disks/NAME[?force=1]   {"deleted":"NAME"}
+ *   POST   /v1/import                 {"file","name"} → 202 job           (file: absolute path)
+ *   POST   /v1/export                 {"name","file"} → 202 job
+ *   GET    /v1/jobs                   {"jobs":[job...]}
+ *   GET    /v1/jobs/ID                job
+ * Errors: {"error":{"code","message","hint"}} with the code's HTTP status (errors.ts).
+ *
+ * Hardening: request bodies are capped (apiBodyBytesMax); requests that carry an Origin header (browsers)
+ * or a Host that is not an IP address or localhost (DNS rebinding) are refused, and bodies must be JSON,
+ * so a web page cannot drive the daemon into reading or writing files. Responses name disk files relative
+ * to the home and job files by base name only.
+ */
+import * as http from "node:http";
+import * as net from "node:net";
+import * as fs from "node:fs";
+import { VdiskError, type ErrorCode } from "../errors";
+import { KiB } from "../limits";
+import { parseDiskSize } from "../util/size";
+import type { JobManager } from "./jobs";
+import type { DiskRegistry } from "./registry";
+
+export const apiBodyBytesMax = 64 * KiB;
+
+export interface ApiContext {
+  registry: DiskRegistry;
+  jobs: JobManager;
+  status(): object;
+  log?: (message: string) => void;
+}
+
+interface Reply {
+  status: number;
+  body: unknown;
+}
+
+type Body = Record<string, unknown>;
+type Handler = (params: string[], body: Body, query: URLSearchParams) => Promise<Reply>;
+
+interface Route {
+  method: string;
+  pattern: RegExp;
+  handler: Handler;
+}
+
+const ok = (body: unknown, status = 200): Reply => ({ status, body });
+
+function routes(ctx: ApiContext): Route[] {
+  const { registry, jobs } = ctx;
+  return [
+    { method: "GET", pattern: /^\/v1\/status$/, handler: async () => ok(ctx.status()) },
+    {
+      method: "GET",
+      pattern: /^\/v1\/disks$/,
+      handler: async () => ok({ disks: await registry.listInfo() }),
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/disks$/,
+      handler: async (_p, body) => ok(await registry.create(field(body, "name"), sizeField(body)), 201),
+    },
+    {
+      method: "GET",
+      pattern: /^\/v1\/disks\/([^/]+)$/,
+      handler: async ([name]) => ok(await registry.info(name)),
+    },
+    {
+      method: "DELETE",
+      pattern: /^\/v1\/disks\/([^/]+)$/,
+      handler: async ([name], _b, query) => {
+        await registry.delete(name, flag(query.get("force")));
+        return ok({ deleted: name });
+      },
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/disks\/([^/]+)\/resize$/,
+      handler: async ([name], body) =>
+        ok(await registry.resize(name, sizeField(body), booleanField(body, "shrink"))),
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/import$/,
+      handler: async (_p, body) => ok(await jobs.startImport(field(body, "file"), field(body, "name")), 202),
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/export$/,
+      handler: async (_p, body) => ok(await jobs.startExport(field(body, "name"), field(body, "file")), 202),
+    },
+    { method: "GET", pattern: /^\/v1\/jobs$/, handler: async () => ok({ jobs: jobs.list() }) },
+    { method: "GET", pattern: /^\/v1\/jobs\/(\d+)$/, handler: async ([id]) => ok(jobs.get(Number(id))) },
+  ];
+}
+
+// ---- Body fields ---------------------------------------------------------------------------------------
+
+function field(body: Body, name: string): string {
+  const value = body[name];
+  if (typeof value !== "string" || value === "") {
+    throw new VdiskError("BAD_REQUEST", `the request needs a "${name}" string`, {
+      hint: `send {"${name}": "..."}`,
+    });
+  }
+  return value;
+}
+
+function sizeField(body: Body): number {
+  const value = body.size;
+  if (typeof value !== "string" && typeof value !== "number") {
+    throw new VdiskError("BAD_SIZE", 'the request needs a "size"', {
+      hint: 'send bytes or a size such as "20G"',
+    });
+  }
+  return parseDiskSize(value);
+}
+
+function booleanField(body: Body, name: string): boolean {
+  const value = body[name];
+  if (value === undefined) return false;
+  if (typeof value !== "boolean") {
+    throw new VdiskError("BAD_REQUEST", `"${name}" must be true or false`, {
+      hint: `send {"${name}": true}`,
+    });
+  }
+  return value;
+}
+
+function flag(value: string | null): boolean {
+  return value === "1" || value === "true" || value === "";
+}
+
+// ---- Request plumbing ----------------------------------------------------------------------------------
+
+function readBody(req: http.IncomingMessage): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let bytes = 0;
+    req.on("data", (chunk: Buffer) => {
+      bytes += chunk.length;
+      if (bytes > apiBodyBytesMax) {
+        // Stop keeping it; discard the rest so the 413 reply can be sent, then the socket is closed.
+        req.removeAllListeners("data");
+        req.resume();
+        reject(
+          new VdiskError("TOO_LARGE", `the request body is larger than ${apiBodyBytesMax} bytes`, {
+            hint: "API requests are small JSON objects",
+          }),
+        );
+        return;
+      }
+      chunks.push(chunk);
+    });
+    req.on("end", () => resolve(Buffer.concat(chunks).toString("utf8")));
+    req.on("error", reject);
+  });
+}
+
+async function parseBody(req: http.IncomingMessage): Promise<Body> {
+  const text = await readBody(req);
+  if (text.trim() === "") return {};
+  const type = req.headers["content-type"] ?? "";
+  if (!/^application\/json\b/i.test(type)) {
+    throw new VdiskError("BAD_REQUEST", "the request body must be JSON", {
+      hint: "send it with Content-Type: application/json",
+    });
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    throw new VdiskError("BAD_REQUEST", "the request body is not valid JSON", {
+      hint: 'send e.g. {"name":"web"}',
+    });
+  }
+  if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) {
+    throw new VdiskError("BAD_REQUEST", "the request body must be a JSON object", {
+      hint: 'send e.g. {"name":"web"}',
+    });
+  }
+  return parsed as Body;
+}
+
+/** Refuse browsers (Origin) and foreign host names (DNS rebinding): only local tools talk to this API. */
+function checkCaller(req: http.IncomingMessage): void {
+  if (req.headers.origin !== undefined) {
+    throw new VdiskError("BAD_REQUEST", "requests from web pages are not accepted", {
+      hint: "use the vdisk CLI or a client that sends no Origin header",
+    });
+  }
+  const host = req.headers.host;
+  if (host === undefined) return;
+  const hostname = host.replace(/:\d+$/, "").replace(/^\[(.*)\]$/, "$1");
+  if (hostname !== "localhost" && net.isIP(hostname) === 0) {
+    throw new VdiskError("BAD_REQUEST", `requests for host ${hostname} are not accepted`, {
+      hint: "address the API by IP (e.g. http://127.0.0.1:10810) or through run/api.sock",
+    });
+  }
+}
+
+function decodeParams(match: RegExpExecArray): string[] {
+  try {
+    return match.slice(1).map((part) => decodeURIComponent(part));
+  } catch {
+    throw new VdiskError("BAD_REQUEST", "the request path is not valid", {
+      hint: "percent-encode names correctly",
+    });
+  }
+}
+
+function errorReply(err: unknown, log?: (message: string) => void): Reply {
+  const error =
+    err instanceof VdiskError
+      ? err
+      : new VdiskError("INTERNAL", `internal error: ${(err as Error)?.message ?? String(err)}`, {
+          cause: err,
+          hint: "this is a bug in vdisk; the daemon's log has details",
+        });
+  if (!(err instanceof VdiskError)) log?.(`API: ${(err as Error)?.stack ?? String(err)}`);
+  const code: ErrorCode = error.code;
+  return {
+    status: error.httpStatus,
+    body: { error: { code, message: error.message, hint: error.hint ?? null } },
+  };
+}
+
+export function createApiHandler(ctx: ApiContext): http.RequestListener {
+  const table = routes(ctx);
+  return (req, res) => {
+    void answer(table, req, ctx.log).then((reply) => send(req, res, reply));
+  };
+}
+
+async function answer(
+  table: Route[],
+  req: http.IncomingMessage,
+  log?: (message: string) => void,
+): Promise<Reply> {
+  try {
+    checkCaller(req);
+    const url = new URL(req.url ?? "/", "http://localhost");
+    const method = req.method ?? "GET";
+    for (const route of table) {
+      const match = route.pattern.exec(url.pathname);
+      if (!match || route.method !== method) continue;
+      const body = method === "POST" ? await parseBody(req) : {};
+      return await route.handler(decodeParams(match), body, url.searchParams);
+    }
+    throw new VdiskError("NOT_FOUND", `no API route ${method} ${url.pathname}`, {
+      hint: "the routes are under /v1: status, disks, disks/NAME, disks/NAME/resize, import, export, jobs",
+    });
+  } catch (err) {
+    return errorReply(err, log);
+  }
+}
+
+function send(req: http.IncomingMessage, res: http.ServerResponse, reply: Reply): void {
+  const text = JSON.stringify(reply.body, null, 2) + "\n";
+  const tooLarge = reply.status === 413;
+  res.writeHead(reply.status, {
+    "content-type": "application/json; charset=utf-8",
+    "content-length": Buffer.byteLength(text),
+    "cache-control": "no-store",
+    ...(tooLarge ? { connection: "close" } : {}),
+  });
+  res.end(text);
+  if (tooLarge) res.on("finish", () => req.socket.destroy());
+}
+
+// ---- Listeners -----------------------------------------------------------------------------------------
+
+export interface ApiServer {
+  tcp: { host: string; port: number } | null;
+  unix: string;
+  close(): Promise<void>;
+}
+
+function listen(
+  server: http.Server,
+  target: { path: string } | { host: string; port: number },
+): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onError = (err: Error): void => reject(err);
+    server.once("error", onError);
+    server.listen(target, () => {
+      server.off("error", onError);
+      resolve();
+    });
+  });
+}
+
+function closeServer(server: http.Server): Promise<void> {
+  return new Promise((resolve) => {
+    server.close(() => resolve());
+    server.closeAllConnections();
+  });
+}
+
+/** Serve the API on `unixPath` (a stale socket file is replaced) and, unless null, on TCP. */
+export async function startApi(
+  ctx: ApiContext,
+  unixPath: string,
+  tcp: { host: string; port: number } | null,
+): Promise<ApiServer> {
+  const handler = createApiHandler(ctx);
+  const servers: http.Server[] = [];
+  const closeAll = async (): Promise<void> => {
+    await Promise.all(servers.map(closeServer));
+    fs.rmSync(unixPath, { force: true });
+  };
+  try {
+    fs.rmSync(unixPath, { force: true });
+    const unixServer = http.createServer(handler);
+    servers.push(unixServer);
+    await listen(unixServer, { path: unixPath });
+    let bound: { host: string; port: number } | null = null;
+    if (tcp) {
+      const tcpServer = http.createServer(handler);
+      servers.push(tcpServer);
+      await listen(tcpServer, tcp).catch((err: unknown) => {
+        throw listenError(err, `${tcp.host}:${tcp.port}`, "--http HOST:PORT (or --http none)");
+      });
+      const address = tcpServer.address() as net.AddressInfo;
+      bound = { host: tcp.host, port: address.port };
+    }
+    return { tcp: bound, unix: unixPath, close: closeAll };
+  } catch (err) {
+    await closeAll();
+    throw err;
+  }
+}
+
+/** EADDRINUSE and friends, said plainly. */
+export function listenError(err: unknown, address: string, option: string): VdiskError {
+  if (err instanceof VdiskError) return err;
+  const code = (err as NodeJS.ErrnoException).code;
+  const reason =
+    code === "EADDRINUSE"
+      ? "the address is already in use"
+      : code === "EADDRNOTAVAIL"
+        ? "no interface has that address"
+        : code === "EACCES"
+          ? "permission denied"
+          : ((err as Error).message ?? String(err));
+  return new VdiskError("INVALID_ARGUMENT", `cannot listen on ${address}: ${reason}`, {
+    cause: err,
+    hint: `is another vdisk or server running there? choose another address with ${option}`,
+  });
+}

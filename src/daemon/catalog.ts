@@ -1,0 +1,156 @@
+/**
+ * The catalog: the list of disks of one home, in `<home>/catalog.json`.
+ *
+ *   {"version":1,"disks":[{"name":"default","size":8589934592,"format":"raw","pool":"default",
+ *                          "file":"pools/default/default.raw","created":"2025-…Z","readOnly":false}]}
+ *
+ * It is the only record of which disks exist. It is rewritten whole and atomically (temp file, fsync,
+ * rename, fsync of the directory), so a crash leaves the old or the new catalog, never a mix. Its content is
+ * untrusted on load: every field is checked, and a file path must stay inside the home.
+ *
+ * Disk names: [A-Za-z0-9][A-Za-z0-9._-]*, at most limits.diskNameBytesMax bytes; '@' is reserved for
+ * DISK@SNAPSHOT names.
+ */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { VdiskError } from "../errors";
+import { diskNameBytesMax } from "../limits";
+import { checkDiskSize } from "../util/size";
+import { writeFileAtomic } from "./home";
+
+export const catalogVersion = 1;
+
+export type DiskFormat = "raw";
+
+export interface DiskRecord {
+  name: string;
+  /** Bytes; the device's size is the truth when both disagree after a crash during resize. */
+  size: number;
+  format: DiskFormat;
+  pool: string;
+  /** Relative to the home, e.g. "pools/default/web.raw". */
+  file: string;
+  /** ISO 8601. */
+  created: string;
+  readOnly: boolean;
+}
+
+export interface Catalog {
+  version: number;
+  disks: DiskRecord[];
+}
+
+const namePattern = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
+const nameHint = `use letters, digits, '.', '_' and '-', starting with a letter or digit, at most ${diskNameBytesMax} bytes`;
+
+/** Throw BAD_NAME unless `name` is a valid disk name. */
+export function validateDiskName(name: unknown): string {
+  if (typeof name !== "string" || name === "") {
+    throw new VdiskError("BAD_NAME", "a disk name is required", { hint: nameHint });
+  }
+  if (name.includes("@")) {
+    throw new VdiskError("BAD_NAME", `"${name}" contains '@', which is reserved for DISK@SNAPSHOT names`, {
+      hint: nameHint,
+    });
+  }
+  if (Buffer.byteLength(name) > diskNameBytesMax) {
+    throw new VdiskError("BAD_NAME", `the disk name is longer than ${diskNameBytesMax} bytes`, {
+      hint: nameHint,
+    });
+  }
+  if (!namePattern.test(name)) {
+    throw new VdiskError("BAD_NAME", `"${name}" is not a valid disk name`, { hint: nameHint });
+  }
+  return name;
+}
+
+export function emptyCatalog(): Catalog {
+  return { version: catalogVersion, disks: [] };
+}
+
+/** Load `<home>/catalog.json`; a missing file is an empty catalog. */
+export function loadCatalog(home: string): Catalog {
+  const file = path.join(home, "catalog.json");
+  let text: string;
+  try {
+    text = fs.readFileSync(file, "utf8");
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return emptyCatalog();
+    throw new VdiskError("IO_ERROR", `cannot read ${file}`, { cause: err });
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (err) {
+    throw corrupt(file, "it is not valid JSON", err);
+  }
+  return checkCatalog(parsed, file, home);
+}
+
+function corrupt(file: string, why: string, cause?: unknown): VdiskError {
+  return new VdiskError("CORRUPT", `the catalog ${file} is damaged: ${why}`, {
+    cause,
+    hint: "restore it from a backup, or fix the entry by hand (the disk files are in pools/)",
+  });
+}
+
+function checkCatalog(parsed: unknown, file: string, home: string): Catalog {
+  const record = parsed as { version?: unknown; disks?: unknown } | null;
+  if (record === null || typeof record !== "object") throw corrupt(file, "it is not an object");
+  if (record.version !== catalogVersion) throw corrupt(file, `unknown version ${String(record.version)}`);
+  if (!Array.isArray(record.disks)) throw corrupt(file, '"disks" is not a list');
+  const seen = new Set<string>();
+  const disks = record.disks.map((entry: unknown, index: number) => {
+    const disk = checkRecord(entry, file, home, index);
+    if (seen.has(disk.name)) throw corrupt(file, `disk "${disk.name}" is listed twice`);
+    seen.add(disk.name);
+    return disk;
+  });
+  return { version: catalogVersion, disks };
+}
+
+function checkRecord(entry: unknown, file: string, home: string, index: number): DiskRecord {
+  const where = `disk #${index + 1}`;
+  if (entry === null || typeof entry !== "object") throw corrupt(file, `${where} is not an object`);
+  const disk = entry as Record<string, unknown>;
+  try {
+    validateDiskName(disk.name);
+    if (typeof disk.size !== "number") throw new Error("size is not a number");
+    checkDiskSize(disk.size);
+  } catch (err) {
+    throw corrupt(file, `${where}: ${(err as Error).message}`, err);
+  }
+  if (disk.format !== "raw") throw corrupt(file, `${where}: unknown format ${String(disk.format)}`);
+  if (
+    typeof disk.pool !== "string" ||
+    typeof disk.created !== "string" ||
+    typeof disk.readOnly !== "boolean"
+  ) {
+    throw corrupt(file, `${where}: pool, created or readOnly missing`);
+  }
+  if (typeof disk.file !== "string" || !isInside(home, disk.file)) {
+    throw corrupt(file, `${where}: its file must be a path inside the home`);
+  }
+  return {
+    name: disk.name as string,
+    size: disk.size,
+    format: "raw",
+    pool: disk.pool,
+    file: disk.file,
+    created: disk.created,
+    readOnly: disk.readOnly,
+  };
+}
+
+/** True if `relative` is a relative path that resolves strictly inside `home`. */
+export function isInside(home: string, relative: string): boolean {
+  if (relative === "" || path.isAbsolute(relative)) return false;
+  const full = path.resolve(home, relative);
+  return full.startsWith(path.resolve(home) + path.sep);
+}
+
+/** Replace `<home>/catalog.json` atomically. */
+export function saveCatalog(home: string, catalog: Catalog): void {
+  const text = JSON.stringify({ version: catalogVersion, disks: catalog.disks }, null, 2) + "\n";
+  writeFileAtomic(path.join(home, "catalog.json"), text);
+}

@@ -1,0 +1,286 @@
+/**
+ * The daemon: one process per home that serves the home's disks over NBD and the management API.
+ *
+ * Start: resolve and prepare the home → take its lock → open the registry (the first start of a new home
+ * creates the thin 8 GiB disk `default`) → NBD on TCP and on the Unix socket → API on run/api.sock and TCP →
+ * write run/daemon.json (only now can clients find us). Any failure undoes what was done and throws a
+ * VdiskError with a hint (port in use, home locked, ...).
+ *
+ * Stop (SIGINT/SIGTERM): stop the API, let the NBD server drain in-flight requests (limits.drainTimeoutMs),
+ * stop running jobs, flush and close every device, remove the run files, exit 0. A second signal exits at
+ * once (status 130) without draining.
+ */
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { VdiskError } from "../errors";
+import * as limits from "../limits";
+import { NbdServer } from "../protocol/nbd/server";
+import { type ApiServer, listenError, startApi } from "./api";
+import {
+  type DaemonInfo,
+  type HomePaths,
+  acquireLock,
+  checkSocketPath,
+  homePaths,
+  prepareHome,
+  removeRunFiles,
+  resolveHome,
+  writeDaemonInfo,
+} from "./home";
+import { JobManager } from "./jobs";
+import { DiskRegistry } from "./registry";
+
+export const nbdListenDefault = "127.0.0.1:10809";
+export const httpListenDefault = "127.0.0.1:10810";
+
+export interface DaemonOptions {
+  home?: string;
+  /** NBD TCP address, "HOST:PORT" (port 0 = any free port) or "none". */
+  listen?: string;
+  /** NBD Unix socket path or "none"; default <home>/run/nbd.sock. */
+  socket?: string;
+  /** API TCP address or "none". The API's Unix socket <home>/run/api.sock is always served. */
+  http?: string;
+  requestBytesMax?: number;
+  connectionsMax?: number;
+  inflightPerConnectionMax?: number;
+  handshakeTimeoutMs?: number;
+  log?: (message: string) => void;
+}
+
+export interface Address {
+  host: string;
+  port: number;
+}
+
+export interface Daemon {
+  paths: HomePaths;
+  info: DaemonInfo;
+  registry: DiskRegistry;
+  /** Drain, flush, close, remove run files. Idempotent. */
+  stop(): Promise<void>;
+}
+
+let cachedVersion: string | null = null;
+
+/** The version in package.json. */
+export function vdiskVersion(): string {
+  if (cachedVersion !== null) return cachedVersion;
+  try {
+    const file = path.join(__dirname, "..", "..", "..", "package.json");
+    cachedVersion = String(
+      (JSON.parse(fs.readFileSync(file, "utf8")) as { version?: unknown }).version ?? "unknown",
+    );
+  } catch {
+    cachedVersion = "unknown";
+  }
+  return cachedVersion;
+}
+
+/** "127.0.0.1:10809", "[::1]:10809", "localhost:0" → address; "none" → null. */
+export function parseAddress(text: string, option: string): Address | null {
+  if (text === "none") return null;
+  const match = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(text.trim());
+  const port = match ? Number(match[3]) : NaN;
+  if (!match || port > 65535) {
+    throw new VdiskError("INVALID_ARGUMENT", `${option} ${text} is not HOST:PORT`, {
+      hint: `write e.g. ${option} 127.0.0.1:10809, ${option} [::1]:10809 (port 0 = any free port), or ${option} none`,
+    });
+  }
+  return { host: match[1] ?? match[2], port };
+}
+
+export function formatAddress(address: Address): string {
+  return address.host.includes(":") ? `[${address.host}]:${address.port}` : `${address.host}:${address.port}`;
+}
+
+interface Started {
+  registry?: DiskRegistry;
+  server?: NbdServer;
+  jobs?: JobManager;
+  api?: ApiServer;
+  nbdSocket?: string;
+}
+
+/** Start a daemon; resolves once everything listens and run/daemon.json is written. */
+export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> {
+  const log = options.log ?? ((message: string) => process.stderr.write(`vdisk: ${message}\n`));
+  const nbdTcp = parseAddress(options.listen ?? nbdListenDefault, "--listen");
+  const httpTcp = parseAddress(options.http ?? httpListenDefault, "--http");
+  const paths = homePaths(resolveHome(options.home));
+  const nbdSocket = options.socket === "none" ? null : path.resolve(options.socket ?? paths.nbdSocket);
+  checkSocketPath(paths.apiSocket, "API socket");
+  if (nbdSocket !== null) checkSocketPath(nbdSocket, "NBD socket");
+
+  const { created } = prepareHome(paths);
+  acquireLock(paths);
+  fs.rmSync(paths.daemonFile, { force: true });
+  const started: Started = {};
+  try {
+    return await startParts(options, paths, { created, nbdTcp, httpTcp, nbdSocket, log }, started);
+  } catch (err) {
+    await stopParts(paths, started, 0, log);
+    throw err;
+  }
+}
+
+interface Plan {
+  created: boolean;
+  nbdTcp: Address | null;
+  httpTcp: Address | null;
+  nbdSocket: string | null;
+  log: (message: string) => void;
+}
+
+async function startParts(
+  options: DaemonOptions,
+  paths: HomePaths,
+  plan: Plan,
+  started: Started,
+): Promise<Daemon> {
+  const startedAt = new Date();
+  const registry = (started.registry = await DiskRegistry.open(paths.root, { log: plan.log }));
+  if (plan.created && registry.size === 0) {
+    await registry.create(limits.defaultDiskName, limits.defaultDiskBytes);
+  }
+  const server = (started.server = new NbdServer({
+    exports: registry,
+    requestBytesMax: options.requestBytesMax ?? limits.requestBytesMaxDefault,
+    connectionsMax: options.connectionsMax ?? limits.connectionsMaxDefault,
+    inflightPerConnectionMax: options.inflightPerConnectionMax ?? limits.inflightPerConnectionMaxDefault,
+    handshakeTimeoutMs: options.handshakeTimeoutMs ?? limits.handshakeTimeoutMsDefault,
+    log: plan.log,
+  }));
+  registry.setDisconnector(server);
+  const jobs = (started.jobs = new JobManager(registry));
+  const nbdBound = await listenNbd(server, plan, started);
+  const info: DaemonInfo = {
+    pid: process.pid,
+    version: vdiskVersion(),
+    startedAt: startedAt.toISOString(),
+    nbd: { tcp: nbdBound, unix: plan.nbdSocket },
+    http: { tcp: null, unix: paths.apiSocket },
+  };
+  const status = (): object => statusView(paths, info, registry, server, jobs, startedAt);
+  const api = (started.api = await startApi(
+    { registry, jobs, status, log: plan.log },
+    paths.apiSocket,
+    plan.httpTcp,
+  ));
+  info.http.tcp = api.tcp;
+  writeDaemonInfo(paths, info);
+  let stopping: Promise<void> | null = null;
+  const stop = (): Promise<void> => (stopping ??= stopParts(paths, started, limits.drainTimeoutMs, plan.log));
+  return { paths, info, registry, stop };
+}
+
+async function listenNbd(server: NbdServer, plan: Plan, started: Started): Promise<Address | null> {
+  let bound: Address | null = null;
+  if (plan.nbdTcp) {
+    const address = plan.nbdTcp;
+    bound = await server.listenTcp(address.host, address.port).catch((err: unknown) => {
+      throw listenError(err, formatAddress(address), "--listen HOST:PORT (or --listen none)");
+    });
+  }
+  if (plan.nbdSocket !== null) {
+    const socketPath = plan.nbdSocket;
+    await server.listenUnix(socketPath).catch((err: unknown) => {
+      throw listenError(err, socketPath, "--socket PATH (or --socket none)");
+    });
+    started.nbdSocket = socketPath;
+  }
+  return bound;
+}
+
+async function stopParts(
+  paths: HomePaths,
+  started: Started,
+  drainMs: number,
+  log: (m: string) => void,
+): Promise<void> {
+  await started.api?.close().catch((err: unknown) => log(`closing the API: ${String(err)}`));
+  await started.server
+    ?.shutdown(drainMs)
+    .catch((err: unknown) => log(`stopping the NBD server: ${String(err)}`));
+  await started.jobs?.cancelAll();
+  await started.registry?.closeAll(log);
+  removeRunFiles(paths, [paths.apiSocket, ...(started.nbdSocket ? [started.nbdSocket] : [])]);
+}
+
+function statusView(
+  paths: HomePaths,
+  info: DaemonInfo,
+  registry: DiskRegistry,
+  server: NbdServer,
+  jobs: JobManager,
+  startedAt: Date,
+): object {
+  return {
+    version: info.version,
+    pid: info.pid,
+    home: paths.root,
+    startedAt: info.startedAt,
+    uptimeSeconds: Math.round((Date.now() - startedAt.getTime()) / 1000),
+    disks: registry.size,
+    connections: registry.connections(),
+    jobsRunning: jobs.running(),
+    nbd: {
+      tcp: info.nbd.tcp ? formatAddress(info.nbd.tcp) : null,
+      unix: info.nbd.unix,
+    },
+    http: { tcp: info.http.tcp ? formatAddress(info.http.tcp) : null, unix: info.http.unix },
+    server: server.stats(),
+  };
+}
+
+/** The lines `vdisk serve` prints: how to reach the daemon. */
+export function banner(daemon: Daemon): string[] {
+  const names = daemon.registry.names();
+  const count = names.length;
+  const lines = [`vdisk: serving ${count} disk${count === 1 ? "" : "s"} from ${daemon.paths.root}`];
+  const name = names.includes(limits.defaultDiskName) ? limits.defaultDiskName : names[0];
+  if (name === undefined) lines.push("  no disks yet: vdisk create NAME --size 20G");
+  const { tcp, unix } = daemon.info.nbd;
+  if (name !== undefined && tcp) lines.push(`  qemu-img info nbd://${formatAddress(tcp)}/${name}`);
+  if (name !== undefined && unix) lines.push(`  qemu-img info "nbd+unix:///${name}?socket=${unix}"`);
+  if (daemon.info.http.tcp) lines.push(`  API: http://${formatAddress(daemon.info.http.tcp)}/v1/status`);
+  lines.push(`  API socket: ${daemon.info.http.unix}`);
+  return lines;
+}
+
+/** `vdisk serve`: start, print how to reach it (text, or run/daemon.json's content), stop on SIGINT/SIGTERM. */
+export async function runDaemon(
+  options: DaemonOptions = {},
+  announce: "text" | "json" = "text",
+): Promise<Daemon> {
+  const daemon = await startDaemon(options);
+  const announcement = announce === "json" ? JSON.stringify(daemon.info, null, 2) : banner(daemon).join("\n");
+  process.stdout.write(announcement + "\n");
+  const disks = daemon.registry.size;
+  if (disks > 0 && daemon.info.nbd.tcp === null && daemon.info.nbd.unix === null) {
+    process.stderr.write("vdisk: warning: NBD is disabled (--listen none --socket none)\n");
+  }
+  let signals = 0;
+  const onSignal = (signal: NodeJS.Signals): void => {
+    signals += 1;
+    if (signals > 1) {
+      process.stderr.write(`vdisk: ${signal} again: exiting without draining\n`);
+      removeRunFiles(daemon.paths, [
+        daemon.paths.apiSocket,
+        ...(daemon.info.nbd.unix ? [daemon.info.nbd.unix] : []),
+      ]);
+      process.exit(130);
+    }
+    process.stderr.write(`vdisk: ${signal}: draining requests and closing disks (again to quit at once)\n`);
+    daemon.stop().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        process.stderr.write(`vdisk: error while stopping: ${String(err)}\n`);
+        process.exit(1);
+      },
+    );
+  };
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
+  return daemon;
+}
