@@ -272,3 +272,21 @@ test("random request streams after a valid handshake never hurt other clients", 
   });
   socket.destroy();
 });
+
+test("closed connections are forgotten: the server's connection count returns to zero", async () => {
+  const clients = await Promise.all([transmissionClient(), transmissionClient(), transmissionClient("ro")]);
+  assert.ok(server.stats().connections >= 3);
+  // One leaves with NBD_CMD_DISC, one drops the socket, one aborts during the handshake.
+  clients[0]!.sendRequest(Cmd.DISC, 1, 0, 0);
+  assert.equal(await clients[0]!.waitClosed(), true);
+  clients[1]!.close();
+  clients[2]!.close();
+  const aborting = await RawNbdClient.connect(socketPath);
+  await aborting.handshake();
+  aborting.sendOption(Opt.ABORT);
+  assert.equal((await aborting.readOptionReply()).type, Rep.ACK);
+  assert.equal(await aborting.waitClosed(), true);
+  const deadline = Date.now() + 3000;
+  while (server.stats().connections > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  assert.equal(server.stats().connections, 0);
+});

@@ -99,6 +99,8 @@ export class Connection {
   private corked = false;
   private draining = false; // DISC received or server shutting down: no new requests are dispatched
   private shuttingDown = false;
+  /** The server has been told this connection is gone (exactly once). */
+  private forgotten = false;
   private readonly onDrainedCallbacks: Array<() => void> = [];
   private readonly uncork = (): void => {
     this.corked = false;
@@ -715,18 +717,20 @@ export class Connection {
     this.afterCompletion();
   }
 
-  /** Hard close. `reason` is logged when not null. */
+  /** Hard close. `reason` is logged when not null and the connection was still open. */
   close(reason: string | null): void {
-    if (reason !== null) this.config.log(`connection ${this.id}: closing: ${reason}`);
+    if (reason !== null && !this.forgotten) this.config.log(`connection ${this.id}: closing: ${reason}`);
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = null;
-    const wasClosed = this.phase === Phase.CLOSED && this.socket.destroyed;
     this.phase = Phase.CLOSED;
     if (!this.socket.destroyed) this.socket.destroy();
     this.queue.clear();
     this.releaseHandle();
     for (const callback of this.onDrainedCallbacks.splice(0)) callback();
-    if (!wasClosed) this.onClose(this);
+    if (!this.forgotten) {
+      this.forgotten = true;
+      this.onClose(this);
+    }
   }
 
   private releaseHandle(): void {
