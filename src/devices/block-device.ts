@@ -22,6 +22,7 @@
  * - `blockStatus` describes consecutive extents starting at `offset`; their total may be shorter than
  *   `length` (never zero) and must not run past the end of the device.
  * - every callback is called exactly once, never synchronously inside the call (Zalgo-free).
+ * - `readNoWait`, where offered, is the one synchronous verb: it answers from a cache or declines.
  */
 import type { VdiskError } from "../errors";
 
@@ -82,6 +83,12 @@ export interface BlockDevice {
   readonly kind: string;
 
   read(buf: Buffer, offset: number, done: ReadDone): void;
+  /**
+   * Optional fast path: fill `buf` from a cache without ever waiting for I/O (preadv2 RWF_NOWAIT on the
+   * page cache). Returns true only if all of `buf` was filled; false means "use `read`" — the caller then
+   * reads the whole range again asynchronously. Never blocks, never throws.
+   */
+  readNoWait?(buf: Buffer, offset: number): boolean;
   write(buf: Buffer, offset: number, fua: boolean, done: Done): void;
   zero(offset: number, length: number, flags: number, done: Done): void;
   trim(offset: number, length: number, fua: boolean, done: Done): void;

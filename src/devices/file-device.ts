@@ -157,6 +157,20 @@ export class FileDevice implements BlockDevice {
     fs.read(fd, buf, 0, length, offset, onRead);
   }
 
+  /**
+   * Page-cache hit fast path: preadv2(RWF_NOWAIT) on the event loop. The kernel returns EAGAIN instead of
+   * waiting for the disk (and starts readahead), so this never blocks; a miss, a short read (partly
+   * cached, or end of a shorter file) or an error declines and the caller falls back to `read`.
+   */
+  readNoWait(buf: Buffer, offset: number): boolean {
+    this.assertRange(offset, buf.length);
+    try {
+      return this.native.preadNoWait(this.fd, buf, 0, buf.length, offset) === buf.length;
+    } catch {
+      return false; // the asynchronous read reports the error properly
+    }
+  }
+
   write(buf: Buffer, offset: number, fua: boolean, done: Done): void {
     this.assertWritable();
     this.assertRange(offset, buf.length);

@@ -464,6 +464,23 @@ describe("FileDevice specifics", () => {
     await closeAsync(reopened);
   });
 
+  it("readNoWait answers page-cache hits synchronously and declines what it cannot fill", async () => {
+    const file = path.join(tmpDir, "nowait.img");
+    const device = await FileDevice.open(file, { create: 64 * KiB });
+    try {
+      const data = pattern(16 * KiB, 23);
+      await writeAsync(device, data, 4096); // written through the page cache: it is cached now
+      const hit = Buffer.alloc(8192);
+      assert.equal(device.readNoWait(hit, 8192), true);
+      assert.deepEqual(hit, data.subarray(4096, 4096 + 8192));
+      fs.truncateSync(file, 10_000); // a short file: the tail is not in any cache, so it must decline
+      assert.equal(device.readNoWait(Buffer.alloc(8192), 8192), false);
+      assert.throws(() => device.readNoWait(Buffer.alloc(8192), 64 * KiB - 4096), /invariant/);
+    } finally {
+      await closeAsync(device);
+    }
+  });
+
   it("reads zeros past the end of a file that is shorter than the device", async () => {
     const file = path.join(tmpDir, "shorter.img");
     const device = await FileDevice.open(file, { create: 64 * KiB });

@@ -76,6 +76,11 @@ const BASE_ALLOCATION_ID = 1;
 /** Prefix of a structured OFFSET_DATA chunk: header + 64-bit offset. */
 const DATA_CHUNK_PREFIX_BYTES = StructuredReplyHeaderBytes + 8;
 const READ_FLAGS_KNOWN = CmdFlag.FUA | CmdFlag.DF;
+/**
+ * Largest read tried on the synchronous cache-hit path. Bigger copies would hold the event loop for
+ * long and gain little: their cost is the copy, which the thread pool runs beside the loop.
+ */
+const READ_NO_WAIT_BYTES_MAX = 256 * 1024;
 const FAST_ZERO_NOT_SUPPORTED = new VdiskError("NOT_SUPPORTED", "fast zero not supported here");
 
 export class Connection {
@@ -542,26 +547,34 @@ export class Connection {
     const prefix = this.structured ? DATA_CHUNK_PREFIX_BYTES : SimpleReplyHeaderBytes;
     const reply = Buffer.allocUnsafe(prefix + request.length);
     const data = reply.subarray(prefix);
-    this.inflight++;
     this.counters.bytesRead += request.length;
+    // Cache hit: answer now, without a thread-pool round trip (see docs/nbd-server.md, "Hot path").
+    if (request.length <= READ_NO_WAIT_BYTES_MAX && device.readNoWait?.(data, request.offset)) {
+      this.finishRead(request, reply, data, null);
+      return;
+    }
+    this.inflight++;
     device.read(data, request.offset, (err, holes) => {
       this.inflight--;
       if (this.phase === Phase.CLOSED) return;
-      if (err) {
-        this.replyError(request, err);
-      } else if (this.structured && holes && holes.length > 0 && (request.flags & CmdFlag.DF) === 0) {
-        this.replySparseRead(request, data, holes);
-      } else {
-        if (this.structured) {
-          writeStructuredHeader(reply, request, ReplyFlag.DONE, ReplyType.OFFSET_DATA, 8 + request.length);
-          writeUInt64(reply, request.offset, StructuredReplyHeaderBytes);
-        } else {
-          writeSimpleHeader(reply, request, 0);
-        }
-        this.send(reply);
-      }
+      if (err) this.replyError(request, err);
+      else this.finishRead(request, reply, data, holes ?? null);
       this.afterCompletion();
     });
+  }
+
+  private finishRead(request: NbdRequest, reply: Buffer, data: Buffer, holes: number[] | null): void {
+    if (this.structured && holes && holes.length > 0 && (request.flags & CmdFlag.DF) === 0) {
+      this.replySparseRead(request, data, holes);
+      return;
+    }
+    if (this.structured) {
+      writeStructuredHeader(reply, request, ReplyFlag.DONE, ReplyType.OFFSET_DATA, 8 + request.length);
+      writeUInt64(reply, request.offset, StructuredReplyHeaderBytes);
+    } else {
+      writeSimpleHeader(reply, request, 0);
+    }
+    this.send(reply);
   }
 
   private complete(request: NbdRequest, err: VdiskError | null): void {
