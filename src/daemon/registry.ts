@@ -18,7 +18,7 @@ import { defaultDiskName, drainTimeoutMs } from "../limits";
 import type { BlockDevice } from "../devices/block-device";
 import { closeAsync, flushAsync, resizeAsync, usageAsync } from "../devices/promises";
 import { FileDevice } from "../devices/file-device";
-import type { ExportHandle, ExportProvider } from "../protocol/nbd/exports";
+import type { ExportHandle, ExportProvider, ExportSummary } from "../protocol/nbd/exports";
 import { checkDiskSize, formatSize } from "../util/size";
 import { type Catalog, type DiskRecord, loadCatalog, saveCatalog, validateDiskName } from "./catalog";
 import { defaultPoolName } from "./home";
@@ -115,7 +115,7 @@ export class DiskRegistry implements ExportProvider {
     return this.names();
   }
 
-  lookup(name: string): { name: string; description: string; size: number; readOnly: boolean } | null {
+  lookup(name: string): ExportSummary | null {
     const disk = this.live(name === "" ? defaultDiskName : name);
     if (!disk) return null;
     return {
@@ -123,6 +123,7 @@ export class DiskRegistry implements ExportProvider {
       description: describe(disk),
       size: disk.device.size,
       readOnly: readOnly(disk),
+      capabilities: disk.device.capabilities,
     };
   }
 

@@ -3,7 +3,7 @@
  * in-process without the daemon's catalog. The first export is also the default ("") export.
  */
 import type { BlockDevice } from "../devices/block-device";
-import type { ExportHandle, ExportProvider } from "../protocol/nbd/exports";
+import type { ExportHandle, ExportProvider, ExportSummary } from "../protocol/nbd/exports";
 
 export interface StaticExport {
   device: BlockDevice;
@@ -25,7 +25,7 @@ export class StaticExports implements ExportProvider {
     return [...this.exports.keys()];
   }
 
-  lookup(name: string): { name: string; description: string; size: number; readOnly: boolean } | null {
+  lookup(name: string): ExportSummary | null {
     const resolved = this.resolve(name);
     if (resolved === null) return null;
     const entry = this.exports.get(resolved) as StaticExport;
@@ -34,6 +34,7 @@ export class StaticExports implements ExportProvider {
       description: entry.description ?? `test export ${resolved}`,
       size: entry.device.size,
       readOnly: entry.readOnly ?? false,
+      capabilities: entry.device.capabilities,
     };
   }
 

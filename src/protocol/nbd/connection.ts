@@ -15,7 +15,7 @@
  * export with NBD_OPT_EXPORT_NAME, too many options) closes only this connection.
  */
 import type { Socket } from "node:net";
-import type { BlockDevice, Extent } from "../../devices/block-device";
+import type { BlockDevice, Capabilities, Extent } from "../../devices/block-device";
 import { ZeroFlags } from "../../devices/block-device";
 import { VdiskError, nbdErrnoOf, type NbdErrnoValue, NbdErrno } from "../../errors";
 import * as limits from "../../limits";
@@ -319,7 +319,7 @@ export class Connection {
 
     const found = this.config.exports.lookup(name);
     if (found === null) return this.optionError(option, Rep.ERR_UNKNOWN, `no export named "${name}"`);
-    const flags = this.computeTransmissionFlags(found.readOnly, null);
+    const flags = this.computeTransmissionFlags(found.readOnly, found.capabilities);
 
     const exportInfo = Buffer.allocUnsafe(12);
     exportInfo.writeUInt16BE(Info.EXPORT, 0);
@@ -406,20 +406,19 @@ export class Connection {
     this.optionReply(option, Rep.ACK);
   }
 
-  private computeTransmissionFlags(readOnly: boolean, device: BlockDevice | null): number {
+  private computeTransmissionFlags(readOnly: boolean, caps: Capabilities): number {
     let flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH;
-    const caps = device?.capabilities;
-    if (readOnly || caps?.readOnly) {
+    if (readOnly || caps.readOnly) {
       flags |= TransmissionFlag.READ_ONLY;
     } else {
       flags |= TransmissionFlag.SEND_FUA;
-      if (!caps || caps.trim) flags |= TransmissionFlag.SEND_TRIM;
-      if (!caps || caps.zero) flags |= TransmissionFlag.SEND_WRITE_ZEROES;
-      if (!caps || caps.fastZero) flags |= TransmissionFlag.SEND_FAST_ZERO;
+      if (caps.trim) flags |= TransmissionFlag.SEND_TRIM;
+      if (caps.zero) flags |= TransmissionFlag.SEND_WRITE_ZEROES;
+      if (caps.fastZero) flags |= TransmissionFlag.SEND_FAST_ZERO;
     }
-    if (!caps || caps.cache) flags |= TransmissionFlag.SEND_CACHE;
-    if (!caps || caps.multiConn) flags |= TransmissionFlag.CAN_MULTI_CONN;
-    if (caps?.rotational) flags |= TransmissionFlag.ROTATIONAL;
+    if (caps.cache) flags |= TransmissionFlag.SEND_CACHE;
+    if (caps.multiConn) flags |= TransmissionFlag.CAN_MULTI_CONN;
+    if (caps.rotational) flags |= TransmissionFlag.ROTATIONAL;
     if (this.structured) flags |= TransmissionFlag.SEND_DF;
     return flags;
   }
@@ -427,7 +426,7 @@ export class Connection {
   private enterTransmission(handle: ExportHandle): void {
     this.handle = handle;
     this.device = handle.device;
-    this.transmissionFlags = this.computeTransmissionFlags(handle.readOnly, handle.device);
+    this.transmissionFlags = this.computeTransmissionFlags(handle.readOnly, handle.device.capabilities);
     if (this.metaExportName !== handle.name) this.metaSelected = false;
     this.requests = new RequestParser(this.config.requestBytesMax);
     this.phase = Phase.TRANSMISSION;

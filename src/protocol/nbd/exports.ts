@@ -6,7 +6,7 @@
  * `open` returns a handle that the connection keeps while it is in the transmission phase and releases
  * when it ends, so the registry can tell which disks are in use.
  */
-import type { BlockDevice } from "../../devices/block-device";
+import type { BlockDevice, Capabilities } from "../../devices/block-device";
 
 export interface ExportHandle {
   readonly name: string;
@@ -17,11 +17,20 @@ export interface ExportHandle {
   release(): void;
 }
 
+/** What NBD_OPT_INFO/GO and LIST_META_CONTEXT need to know before an export is opened. */
+export interface ExportSummary {
+  name: string;
+  description: string;
+  size: number;
+  readOnly: boolean;
+  capabilities: Capabilities;
+}
+
 export interface ExportProvider {
   /** Export names for NBD_OPT_LIST. */
   list(): string[];
   /** Resolve an export name ("" means the default export); null if there is no such export. */
-  lookup(name: string): { name: string; description: string; size: number; readOnly: boolean } | null;
+  lookup(name: string): ExportSummary | null;
   /** Open an export for transmission; null if it does not exist (any more). */
   open(name: string): ExportHandle | null;
 }
