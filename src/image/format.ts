@@ -111,9 +111,13 @@ export function decodeNode(buf: Buffer, expectedAddress: number, fileBlocks: num
   const level = lane(2);
   if (level > LEVEL_MAX) throw corrupt(`${where}: level ${level} above ${LEVEL_MAX}`);
   if (lane(3) !== FORMAT_VERSION) throw corrupt(`${where}: unknown node version ${lane(3)}`);
-  const self = ((lane(8) << 8) | lane(9)) * 2 ** 32 + (((lane(10) << 24) | (lane(11) << 16) | (lane(12) << 8) | lane(13)) >>> 0);
-  if (self !== expectedAddress) throw corrupt(`${where}: node says it lives at block ${self} (misdirected write)`);
-  for (let i = 14; i < FANOUT; i++) if (lane(i) !== 0) throw corrupt(`${where}: reserved byte set in unit ${i}`);
+  const self =
+    ((lane(8) << 8) | lane(9)) * 2 ** 32 +
+    (((lane(10) << 24) | (lane(11) << 16) | (lane(12) << 8) | lane(13)) >>> 0);
+  if (self !== expectedAddress)
+    throw corrupt(`${where}: node says it lives at block ${self} (misdirected write)`);
+  for (let i = 14; i < FANOUT; i++)
+    if (lane(i) !== 0) throw corrupt(`${where}: reserved byte set in unit ${i}`);
   const types = new Uint8Array(FANOUT);
   const addresses = new Float64Array(FANOUT);
   for (let i = 0; i < FANOUT; i++) {
@@ -124,7 +128,9 @@ export function decodeNode(buf: Buffer, expectedAddress: number, fileBlocks: num
     if (type === UnitType.NODE) {
       if (level === 0) throw corrupt(`${where}: leaf node has a child pointer in unit ${i}`);
       if (address < FIRST_ALLOCATABLE_BLOCK || address >= fileBlocks) {
-        throw corrupt(`${where}: unit ${i} points to block ${address}, outside the file (${fileBlocks} blocks)`);
+        throw corrupt(
+          `${where}: unit ${i} points to block ${address}, outside the file (${fileBlocks} blocks)`,
+        );
       }
     } else if (type === UnitType.DATA) {
       if (address < FIRST_ALLOCATABLE_BLOCK || address + unitSpanBlocks(level) > fileBlocks) {
@@ -225,7 +231,11 @@ export function decodeLayerTable(buf: Buffer, expectedCrc: number): LayerTable {
   } catch (err) {
     throw corrupt(`layer table: not valid JSON (${(err as Error).message})`);
   }
-  if (table.version !== FORMAT_VERSION || !Array.isArray(table.layers) || !Number.isInteger(table.nextLayerId)) {
+  if (
+    table.version !== FORMAT_VERSION ||
+    !Array.isArray(table.layers) ||
+    !Number.isInteger(table.nextLayerId)
+  ) {
     throw corrupt("layer table: malformed header");
   }
   const ids = new Set<number>();

@@ -194,14 +194,23 @@ export class Image {
     }
     await writeAsync(backing, Buffer.alloc(FIRST_ALLOCATABLE_BLOCK * BLOCK_BYTES), 0);
     const image = new Image(backing, false, Math.floor(backing.size / BLOCK_BYTES));
-    image.addLayer(head.name, "head", head.name, null, head.sizeBytes, emptySlot(), rootLevelFor(blocksOf(head.sizeBytes)));
+    image.addLayer(
+      head.name,
+      "head",
+      head.name,
+      null,
+      head.sizeBytes,
+      emptySlot(),
+      rootLevelFor(blocksOf(head.sizeBytes)),
+    );
     await image.commit();
     return image;
   }
 
   static async open(backing: BlockDevice, options: { readOnly?: boolean } = {}): Promise<Image> {
     const fileBlocks = Math.floor(backing.size / BLOCK_BYTES);
-    if (fileBlocks < FIRST_ALLOCATABLE_BLOCK) throw new VdiskError("CORRUPT", "not a vdisk image: file too short");
+    if (fileBlocks < FIRST_ALLOCATABLE_BLOCK)
+      throw new VdiskError("CORRUPT", "not a vdisk image: file too short");
     const slots = Buffer.alloc(FIRST_ALLOCATABLE_BLOCK * BLOCK_BYTES);
     await readAsync(backing, slots, 0);
     const candidates = [0, 1]
@@ -215,7 +224,10 @@ export class Image {
     const sb = candidates.reduce((a, b) => (b.sequence > a.sequence ? b : a));
     const tableBlocks = Math.ceil(sb.layerTableBytes / BLOCK_BYTES);
     if (sb.layerTableAddress < FIRST_ALLOCATABLE_BLOCK || sb.layerTableAddress + tableBlocks > fileBlocks) {
-      throw new VdiskError("CORRUPT", `superblock: layer table at block ${sb.layerTableAddress} is outside the file`);
+      throw new VdiskError(
+        "CORRUPT",
+        `superblock: layer table at block ${sb.layerTableAddress} is outside the file`,
+      );
     }
     const tableBuffer = Buffer.alloc(tableBlocks * BLOCK_BYTES);
     await readAsync(backing, tableBuffer, sb.layerTableAddress * BLOCK_BYTES);
@@ -255,9 +267,18 @@ export class Image {
       }
       this.layers.set(layer.id, layer);
       if (slot.type === UnitType.NODE) {
-        frontier.push({ address: slot.address, level: record.root.level, attach: (node) => (slot.node = node) });
+        frontier.push({
+          address: slot.address,
+          level: record.root.level,
+          attach: (node) => (slot.node = node),
+        });
       } else if (slot.type === UnitType.DATA) {
-        this.checkDataRange(slot.address, unitSpanBlocks(record.root.level + 1), fileBlocks, `layer ${record.id} root`);
+        this.checkDataRange(
+          slot.address,
+          unitSpanBlocks(record.root.level + 1),
+          fileBlocks,
+          `layer ${record.id} root`,
+        );
         this.dataRefs.addRef(slot.address, unitSpanBlocks(record.root.level + 1));
       }
     }
@@ -270,7 +291,10 @@ export class Image {
             const existing = nodes.get(pending.address);
             if (existing) {
               if (existing.level !== pending.level) {
-                throw new VdiskError("CORRUPT", `index node at block ${pending.address} is reached at two levels`);
+                throw new VdiskError(
+                  "CORRUPT",
+                  `index node at block ${pending.address} is reached at two levels`,
+                );
               }
               existing.refs++;
               pending.attach(existing);
@@ -328,9 +352,15 @@ export class Image {
       used.push([this.layerTableAddress, this.layerTableBlocks]);
     }
     try {
-      this.space = FreeSpace.fromUsed(FIRST_ALLOCATABLE_BLOCK, Math.max(fileBlocks, FIRST_ALLOCATABLE_BLOCK), used);
+      this.space = FreeSpace.fromUsed(
+        FIRST_ALLOCATABLE_BLOCK,
+        Math.max(fileBlocks, FIRST_ALLOCATABLE_BLOCK),
+        used,
+      );
     } catch (err) {
-      throw new VdiskError("CORRUPT", `overlapping allocations in the image: ${(err as Error).message}`, { cause: err });
+      throw new VdiskError("CORRUPT", `overlapping allocations in the image: ${(err as Error).message}`, {
+        cause: err,
+      });
     }
   }
 
@@ -352,7 +382,17 @@ export class Image {
     root: Slot,
     rootLevel: number,
   ): Layer {
-    const layer = new Layer(this.nextLayerId++, name, kind, disk, parent, sizeBytes, Date.now(), root, rootLevel);
+    const layer = new Layer(
+      this.nextLayerId++,
+      name,
+      kind,
+      disk,
+      parent,
+      sizeBytes,
+      Date.now(),
+      root,
+      rootLevel,
+    );
     this.layers.set(layer.id, layer);
     this.layersDirty = true;
     return layer;
@@ -405,7 +445,15 @@ export class Image {
       if (this.snapshot(disk, name)) {
         throw new VdiskError("DISK_EXISTS", `disk ${disk} already has a snapshot named ${name}`);
       }
-      const snapshot = this.addLayer(name, "snapshot", disk, head.parent, head.sizeBytes, this.shareRoot(head), head.rootLevel);
+      const snapshot = this.addLayer(
+        name,
+        "snapshot",
+        disk,
+        head.parent,
+        head.sizeBytes,
+        this.shareRoot(head),
+        head.rootLevel,
+      );
       head.parent = snapshot.id;
       await this.commit();
       return snapshot;
@@ -417,7 +465,15 @@ export class Image {
     return this.structural(async () => {
       assert(snapshot.kind === "snapshot", "clone of a snapshot");
       if (this.head(disk)) throw new VdiskError("DISK_EXISTS", `the image already has a disk named ${disk}`);
-      const head = this.addLayer(disk, "head", disk, snapshot.id, snapshot.sizeBytes, this.shareRoot(snapshot), snapshot.rootLevel);
+      const head = this.addLayer(
+        disk,
+        "head",
+        disk,
+        snapshot.id,
+        snapshot.sizeBytes,
+        this.shareRoot(snapshot),
+        snapshot.rootLevel,
+      );
       await this.commit();
       return head;
     });
@@ -643,7 +699,8 @@ export class Image {
     for (let i = 0; i < FANOUT; i++) {
       const type = copy.types[i];
       if (type === UnitType.NODE) (copy.children[i] as IndexNode).refs++;
-      else if (type === UnitType.DATA) this.dataRefs.addRef(copy.addresses[i] as number, unitSpanBlocks(node.level));
+      else if (type === UnitType.DATA)
+        this.dataRefs.addRef(copy.addresses[i] as number, unitSpanBlocks(node.level));
     }
     node.refs--;
     copy.refs = 1;
@@ -661,7 +718,10 @@ export class Image {
 
   /** Visit the runs mapping blocks [start, end) of `layer` in order. */
   map(layer: Layer, start: number, end: number, visit: (run: Run) => void): void {
-    assert(start >= 0 && start < end && end <= unitSpanBlocks(layer.rootLevel + 1), "map range inside the root");
+    assert(
+      start >= 0 && start < end && end <= unitSpanBlocks(layer.rootLevel + 1),
+      "map range inside the root",
+    );
     let pending: Run | null = null;
     const emit = (run: Run): void => {
       if (
@@ -732,7 +792,10 @@ export class Image {
    */
   apply(layer: Layer, start: number, end: number, type: UnitTypeValue, address: number): void {
     this.assertWritable();
-    assert(start >= 0 && start < end && end <= unitSpanBlocks(layer.rootLevel + 1), "apply range inside the root");
+    assert(
+      start >= 0 && start < end && end <= unitSpanBlocks(layer.rootLevel + 1),
+      "apply range inside the root",
+    );
     layer.root = this.applySlot(layer.root, layer.rootLevel + 1, 0, start, end, type, address);
     this.layersDirty = true;
     this.nodesDirty = true;
@@ -768,8 +831,16 @@ export class Image {
     const last = Math.ceil((hi - slotStart) / childSpan);
     const loAddress = type === UnitType.DATA ? address + (lo - start) : 0;
     for (let i = first; i < last; i++) {
-      const child: Slot = { type: node.types[i] as UnitTypeValue, address: node.addresses[i] as number, node: node.children[i] };
-      this.setUnit(node, i, this.applySlot(child, level - 1, slotStart + i * childSpan, lo, hi, type, loAddress));
+      const child: Slot = {
+        type: node.types[i] as UnitTypeValue,
+        address: node.addresses[i] as number,
+        node: node.children[i],
+      };
+      this.setUnit(
+        node,
+        i,
+        this.applySlot(child, level - 1, slotStart + i * childSpan, lo, hi, type, loAddress),
+      );
     }
     return this.collapse(node, level - 1);
   }
@@ -806,7 +877,13 @@ export class Image {
   }
 
   /** Blocks [start, end) of `layer` whose mapping differs from `other`'s (written since, for backups). */
-  changedRuns(layer: Layer, other: Layer, start: number, end: number, visit: (block: number, count: number, changed: boolean) => void): void {
+  changedRuns(
+    layer: Layer,
+    other: Layer,
+    start: number,
+    end: number,
+    visit: (block: number, count: number, changed: boolean) => void,
+  ): void {
     const level = Math.max(layer.rootLevel, other.rootLevel) + 1;
     const lift = (l: Layer): Slot => {
       let slot = l.root;
@@ -855,9 +932,17 @@ export class Image {
     const childOf = (s: Slot, i: number): Slot => {
       if (s.type === UnitType.NODE) {
         const node = s.node as IndexNode;
-        return { type: node.types[i] as UnitTypeValue, address: node.addresses[i] as number, node: node.children[i] };
+        return {
+          type: node.types[i] as UnitTypeValue,
+          address: node.addresses[i] as number,
+          node: node.children[i],
+        };
       }
-      return { type: s.type, address: s.type === UnitType.DATA ? s.address + i * childSpan : 0, node: undefined };
+      return {
+        type: s.type,
+        address: s.type === UnitType.DATA ? s.address + i * childSpan : 0,
+        node: undefined,
+      };
     };
     const first = Math.floor((lo - slotStart) / childSpan);
     const last = Math.ceil((hi - slotStart) / childSpan);
@@ -884,14 +969,18 @@ export class Image {
 
   /** Make sure the backing file covers every allocated block before data is written there. */
   ensureFileCovers(callback: (err: VdiskError | null) => void): void {
-    if (this.growing === null && this.backing.size >= this.space.endBlock * BLOCK_BYTES) return callback(null);
+    if (this.growing === null && this.backing.size >= this.space.endBlock * BLOCK_BYTES)
+      return callback(null);
     // One resize at a time (two ftruncates finishing out of order could shrink the file).
     const previous = this.growing ?? Promise.resolve();
     const next = previous.then(async () => {
       const needed = this.space.endBlock * BLOCK_BYTES;
       if (this.backing.size >= needed) return;
       // Grow in steps so a sequential writer does not truncate on every request.
-      const target = Math.max(needed, Math.min(this.backing.size * 2, this.backing.size + 1024 * 1024 * 1024));
+      const target = Math.max(
+        needed,
+        Math.min(this.backing.size * 2, this.backing.size + 1024 * 1024 * 1024),
+      );
       await resizeAsync(this.backing, target);
     });
     this.growing = next;
@@ -902,7 +991,9 @@ export class Image {
       },
       (err: unknown) => {
         if (this.growing === next) this.growing = null;
-        callback(err instanceof VdiskError ? err : new VdiskError("IO_ERROR", `growing the image: ${String(err)}`));
+        callback(
+          err instanceof VdiskError ? err : new VdiskError("IO_ERROR", `growing the image: ${String(err)}`),
+        );
       },
     );
   }
@@ -949,10 +1040,12 @@ export class Image {
     const collect = (node: IndexNode): void => {
       if (!node.dirty || seen.has(node)) return;
       seen.add(node);
-      for (let i = 0; i < FANOUT; i++) if (node.types[i] === UnitType.NODE) collect(node.children[i] as IndexNode);
+      for (let i = 0; i < FANOUT; i++)
+        if (node.types[i] === UnitType.NODE) collect(node.children[i] as IndexNode);
       dirty.push(node);
     };
-    for (const layer of this.layers.values()) if (layer.root.type === UnitType.NODE) collect(layer.root.node as IndexNode);
+    for (const layer of this.layers.values())
+      if (layer.root.type === UnitType.NODE) collect(layer.root.node as IndexNode);
     const writes: Array<{ address: number; buffer: Buffer }> = [];
     let index = 0;
     while (index < dirty.length) {
@@ -973,7 +1066,8 @@ export class Image {
       for (let j = 0; j < count; j++) {
         const node = dirty[index + j] as IndexNode;
         for (let u = 0; u < FANOUT; u++) {
-          if (node.types[u] === UnitType.NODE) node.addresses[u] = (node.children[u] as IndexNode).diskAddress;
+          if (node.types[u] === UnitType.NODE)
+            node.addresses[u] = (node.children[u] as IndexNode).diskAddress;
         }
         encodeNode(node, node.diskAddress, write.buffer.subarray(j * BLOCK_BYTES, (j + 1) * BLOCK_BYTES));
         node.dirty = false;
@@ -992,7 +1086,9 @@ export class Image {
     this.nodesDirty = false;
     this.layersDirty = false;
     // 3. Write, sync, then the superblock, sync.
-    await new Promise<void>((resolve, reject) => this.ensureFileCovers((err) => (err ? reject(err) : resolve())));
+    await new Promise<void>((resolve, reject) =>
+      this.ensureFileCovers((err) => (err ? reject(err) : resolve())),
+    );
     await Promise.all([
       ...writes.map((write) => writeAsync(this.backing, write.buffer, write.address * BLOCK_BYTES)),
       writeAsync(this.backing, tableBuffer, tableAddress * BLOCK_BYTES),
@@ -1029,7 +1125,8 @@ export class Image {
       createdMs: layer.createdMs,
       root: {
         type: layer.root.type,
-        address: layer.root.type === UnitType.NODE ? (layer.root.node as IndexNode).diskAddress : layer.root.address,
+        address:
+          layer.root.type === UnitType.NODE ? (layer.root.node as IndexNode).diskAddress : layer.root.address,
         level: layer.rootLevel,
       },
     }));
@@ -1059,6 +1156,86 @@ export class Image {
   }
 
   // ---------------------------------------------------------------------------------------------
+  // Consistency
+
+  /**
+   * Recount every reference from the layer roots and compare with the live counts; check that free
+   * space and used space are disjoint and that nodes and data do not overlap. Returns the problems
+   * found, each precise enough to act on (empty = consistent). Used by `vdisk check` and the tests.
+   */
+  checkConsistency(): string[] {
+    const problems: string[] = [];
+    const nodeRefs = new Map<IndexNode, number>();
+    const data = new RefcountMap();
+    const visit = (slot: Slot, level: number, where: string): void => {
+      if (slot.type === UnitType.DATA) {
+        data.addRef(slot.address, unitSpanBlocks(level));
+        return;
+      }
+      if (slot.type !== UnitType.NODE) return;
+      const node = slot.node;
+      if (!node) {
+        problems.push(`${where}: child node not loaded`);
+        return;
+      }
+      if (node.level !== level - 1)
+        problems.push(`${where}: node level ${node.level}, expected ${level - 1}`);
+      const seen = nodeRefs.get(node);
+      nodeRefs.set(node, (seen ?? 0) + 1);
+      if (seen !== undefined) return;
+      for (let i = 0; i < FANOUT; i++) {
+        const type = node.types[i] as UnitTypeValue;
+        if (type === UnitType.NODE || type === UnitType.DATA) {
+          visit(
+            { type, address: node.addresses[i] as number, node: node.children[i] },
+            node.level,
+            `${where}/${i}`,
+          );
+        } else if (node.children[i] !== undefined) {
+          problems.push(`${where}/${i}: ${type === UnitType.EMPTY ? "empty" : "zero"} unit keeps a child`);
+        }
+      }
+    };
+    for (const layer of this.layers.values()) {
+      visit(
+        layer.root,
+        layer.rootLevel + 1,
+        `layer ${layer.id} (${layer.kind} ${layer.disk}${layer.kind === "snapshot" ? "@" + layer.name : ""})`,
+      );
+      if (layer.parent !== null && !this.layers.has(layer.parent))
+        problems.push(`layer ${layer.id}: missing parent ${layer.parent}`);
+      if (unitSpanBlocks(layer.rootLevel + 1) < layer.blocks)
+        problems.push(`layer ${layer.id}: root too low for its size`);
+    }
+    for (const [node, count] of nodeRefs) {
+      if (node.refs !== count)
+        problems.push(`node at block ${node.diskAddress}: ${node.refs} references counted, ${count} found`);
+      if (!node.dirty && node.diskAddress < 0) problems.push("a clean node has no disk address");
+    }
+    const live = [...this.dataRefs.entries()];
+    const recount = [...data.entries()];
+    if (JSON.stringify(live) !== JSON.stringify(recount)) {
+      const first = live.find((entry, i) => JSON.stringify(entry) !== JSON.stringify(recount[i]));
+      problems.push(
+        `data reference counts differ from a recount (first difference near ${JSON.stringify(first ?? recount[live.length])})`,
+      );
+    }
+    for (const [start, length] of this.space.ranges()) {
+      if (this.dataRefs.maxCount(start, length) > 0)
+        problems.push(`free blocks ${start}+${length} hold referenced data`);
+    }
+    for (const node of nodeRefs.keys()) {
+      if (node.diskAddress >= 0 && this.space.isFree(node.diskAddress, 1)) {
+        problems.push(`index node at block ${node.diskAddress} is marked free`);
+      }
+      if (node.diskAddress >= 0 && this.dataRefs.countAt(node.diskAddress) > 0) {
+        problems.push(`block ${node.diskAddress} is both an index node and data`);
+      }
+    }
+    return problems;
+  }
+
+  // ---------------------------------------------------------------------------------------------
   // Statistics
 
   stats(): ImageStats {
@@ -1068,9 +1245,11 @@ export class Image {
       if (seen.has(node)) return;
       seen.add(node);
       nodes++;
-      for (let i = 0; i < FANOUT; i++) if (node.types[i] === UnitType.NODE) count(node.children[i] as IndexNode);
+      for (let i = 0; i < FANOUT; i++)
+        if (node.types[i] === UnitType.NODE) count(node.children[i] as IndexNode);
     };
-    for (const layer of this.layers.values()) if (layer.root.type === UnitType.NODE) count(layer.root.node as IndexNode);
+    for (const layer of this.layers.values())
+      if (layer.root.type === UnitType.NODE) count(layer.root.node as IndexNode);
     return {
       fileBytes: this.backing.size,
       dataBytes: this.dataRefs.referencedBlocks * BLOCK_BYTES,
@@ -1106,7 +1285,11 @@ export class Image {
       for (let i = 0; i < FANOUT; i++) {
         const type = node.types[i] as UnitTypeValue;
         if (type === UnitType.NODE || type === UnitType.DATA) {
-          walk({ type, address: node.addresses[i] as number, node: node.children[i] }, level - 1, nodeExclusive);
+          walk(
+            { type, address: node.addresses[i] as number, node: node.children[i] },
+            level - 1,
+            nodeExclusive,
+          );
         }
       }
     };

@@ -162,7 +162,8 @@ export class ImageVolume implements BlockDevice {
       runs++;
       single = {
         type: run.type,
-        physical: run.address * BLOCK_BYTES + (Math.max(offset, run.block * BLOCK_BYTES) - run.block * BLOCK_BYTES),
+        physical:
+          run.address * BLOCK_BYTES + (Math.max(offset, run.block * BLOCK_BYTES) - run.block * BLOCK_BYTES),
       };
     });
     if (runs !== 1 || single === null) return false;
@@ -213,7 +214,10 @@ export class ImageVolume implements BlockDevice {
         const block = Math.floor(offset / BLOCK_BYTES);
         edges.push([Math.max(offset, block * BLOCK_BYTES), Math.min(end, (block + 1) * BLOCK_BYTES)]);
       }
-      if (end % BLOCK_BYTES !== 0 && Math.floor((end - 1) / BLOCK_BYTES) !== Math.floor(offset / BLOCK_BYTES)) {
+      if (
+        end % BLOCK_BYTES !== 0 &&
+        Math.floor((end - 1) / BLOCK_BYTES) !== Math.floor(offset / BLOCK_BYTES)
+      ) {
         const block = Math.floor((end - 1) / BLOCK_BYTES);
         edges.push([block * BLOCK_BYTES, end]);
       }
@@ -276,7 +280,8 @@ export class ImageVolume implements BlockDevice {
     const needs: Array<[number, number]> = [];
     if (offset > startByte) needs.push([0, BLOCK_BYTES]);
     const tail = (offset + data.length) % BLOCK_BYTES;
-    if (tail !== 0 && (blocks > 1 || needs.length === 0)) needs.push([(blocks - 1) * BLOCK_BYTES, blocks * BLOCK_BYTES]);
+    if (tail !== 0 && (blocks > 1 || needs.length === 0))
+      needs.push([(blocks - 1) * BLOCK_BYTES, blocks * BLOCK_BYTES]);
     let pending = needs.length + 1;
     let failure: VdiskError | null = null;
     const step = (err: VdiskError | null): void => {
@@ -317,7 +322,11 @@ export class ImageVolume implements BlockDevice {
 
     const fresh: Array<{ block: number; count: number }> = [];
     image.map(layer, firstBlock, endBlock, (run) => {
-      if (run.type === UnitType.DATA && run.pathExclusive && image.dataRefs.maxCount(run.address, run.count) === 1) {
+      if (
+        run.type === UnitType.DATA &&
+        run.pathExclusive &&
+        image.dataRefs.maxCount(run.address, run.count) === 1
+      ) {
         pending++;
         image.backing.write(slice(run.block, run.count), run.address * BLOCK_BYTES, false, finish);
       } else {
@@ -349,11 +358,23 @@ export class ImageVolume implements BlockDevice {
         }
         for (const segment of segments) {
           pending++;
-          image.backing.write(slice(segment.block, segment.count), segment.physical * BLOCK_BYTES, false, (writeErr) => {
-            if (writeErr) image.unallocateData(segment.physical, segment.count);
-            else image.apply(layer, segment.block, segment.block + segment.count, UnitType.DATA, segment.physical);
-            finish(writeErr);
-          });
+          image.backing.write(
+            slice(segment.block, segment.count),
+            segment.physical * BLOCK_BYTES,
+            false,
+            (writeErr) => {
+              if (writeErr) image.unallocateData(segment.physical, segment.count);
+              else
+                image.apply(
+                  layer,
+                  segment.block,
+                  segment.block + segment.count,
+                  UnitType.DATA,
+                  segment.physical,
+                );
+              finish(writeErr);
+            },
+          );
         }
         finish(null);
       });
@@ -433,8 +454,13 @@ export class ImageVolume implements BlockDevice {
       else extents.push({ length: to - from, flags });
     };
     if (firstBlock < Math.min(endBlock, blocks)) {
-      this.image.changedRuns(this.layer, snapshot, firstBlock, Math.min(endBlock, blocks), (block, count, changed) =>
-        push(Math.max(offset, block * BLOCK_BYTES), Math.min(end, (block + count) * BLOCK_BYTES), changed),
+      this.image.changedRuns(
+        this.layer,
+        snapshot,
+        firstBlock,
+        Math.min(endBlock, blocks),
+        (block, count, changed) =>
+          push(Math.max(offset, block * BLOCK_BYTES), Math.min(end, (block + count) * BLOCK_BYTES), changed),
       );
     }
     // Beyond the snapshot's end everything is new.
@@ -455,8 +481,12 @@ export class ImageVolume implements BlockDevice {
     const tailEnd = Math.min(size, Math.ceil(oldSize / BLOCK_BYTES) * BLOCK_BYTES);
     if (size > oldSize && oldSize % BLOCK_BYTES !== 0 && tailEnd > oldSize) {
       const block = Math.floor(oldSize / BLOCK_BYTES);
-      this.mutate(oldSize, tailEnd - oldSize, false, (err) => (err ? done(err) : grow()), (_first, _blocks, release) =>
-        this.patch(block, 1, oldSize, Buffer.alloc(tailEnd - oldSize), release),
+      this.mutate(
+        oldSize,
+        tailEnd - oldSize,
+        false,
+        (err) => (err ? done(err) : grow()),
+        (_first, _blocks, release) => this.patch(block, 1, oldSize, Buffer.alloc(tailEnd - oldSize), release),
       );
       return;
     }

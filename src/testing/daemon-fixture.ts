@@ -281,6 +281,16 @@ export class DaemonFixture {
     return JSON.parse(result.stdout) as T;
   }
 
+  /** GET /v1/PATH on the daemon's HTTP API (fast enough to poll while a client runs). */
+  async api<T>(apiPath: string): Promise<T> {
+    const tcp = this.daemonFile().http.tcp;
+    if (tcp === null) throw new Error("the daemon has no HTTP listener");
+    const response = await fetch(`http://127.0.0.1:${tcp.port}/v1/${apiPath}`);
+    const body = await response.text();
+    if (!response.ok) throw new Error(`GET /v1/${apiPath}: HTTP ${response.status}: ${body}`);
+    return JSON.parse(body) as T;
+  }
+
   async start(): Promise<void> {
     if (this.running) throw new Error("the daemon is already running");
     const log = fs.openSync(this.logFile, "a");
@@ -312,6 +322,7 @@ export class DaemonFixture {
     this.exited = new Promise((resolve) => {
       child.on("exit", (code, signal) => {
         forget(pid);
+        if (this.child === child) this.info = null; // no addresses while no daemon runs
         resolve({ code, signal });
       });
     });
@@ -408,4 +419,42 @@ export async function startDaemon(options: StartDaemonOptions = {}): Promise<Dae
     throw err;
   }
   return fixture;
+}
+
+// -----------------------------------------------------------------------------------------------
+// Expected contents
+
+/**
+ * What a disk should hold, byte for byte, for tests that write fill patterns (`qemu-io write -P`) and
+ * zeros. `readCommands()` turns it into qemu-io `read -P` commands covering the whole disk (one per run
+ * of equal bytes), so every byte is checked, including the zeros between writes.
+ */
+export class PatternModel {
+  private readonly bytes: Buffer;
+
+  constructor(readonly size: number) {
+    this.bytes = Buffer.alloc(size);
+  }
+
+  /** Record `write -P pattern offset length` (or a zero/trim with pattern 0). */
+  fill(offset: number, length: number, pattern: number): void {
+    if (offset < 0 || length < 0 || offset + length > this.size) {
+      throw new Error(`model: ${length}@${offset} is outside the disk (${this.size} bytes)`);
+    }
+    this.bytes.fill(pattern, offset, offset + length);
+  }
+
+  /** qemu-io commands reading back the whole disk, each with its expected pattern. */
+  readCommands(): string[] {
+    const commands: string[] = [];
+    let start = 0;
+    while (start < this.size) {
+      const pattern = this.bytes[start] as number;
+      let end = start + 1;
+      while (end < this.size && this.bytes[end] === pattern) end++;
+      commands.push(`read -P 0x${pattern.toString(16)} ${start} ${end - start}`);
+      start = end;
+    }
+    return commands;
+  }
 }
