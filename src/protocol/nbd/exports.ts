@@ -6,13 +6,18 @@
  * `open` returns a handle that the connection keeps while it is in the transmission phase and releases
  * when it ends, so the registry can tell which disks are in use.
  */
-import type { BlockDevice, Capabilities } from "../../devices/block-device";
+import type { BlockDevice, Capabilities, ExtentsDone } from "../../devices/block-device";
 
 export interface ExportHandle {
   readonly name: string;
   readonly description: string;
   readonly device: BlockDevice;
   readonly readOnly: boolean;
+  /**
+   * Block status for an extra meta context offered by `ExportSummary.metaContexts` (for instance
+   * `qemu:dirty-bitmap:SNAP`). Extents use the context's own flag values (dirty bitmaps: 1 = dirty).
+   */
+  contextStatus?(context: string, offset: number, length: number, done: ExtentsDone): void;
   /** Called once when the connection that opened it closes. */
   release(): void;
 }
@@ -24,6 +29,8 @@ export interface ExportSummary {
   size: number;
   readOnly: boolean;
   capabilities: Capabilities;
+  /** Meta contexts this export offers besides base:allocation (e.g. qemu:dirty-bitmap:NAME). */
+  metaContexts?: string[];
 }
 
 export interface ExportProvider {
