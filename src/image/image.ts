@@ -1235,6 +1235,86 @@ export class Image {
     return problems;
   }
 
+  /**
+   * Commit, then read back everything the new superblock reaches — both superblock slots, the layer
+   * table, every index node — and verify magic, checksums, levels and self addresses against what is in
+   * memory. Returns the problems found (empty = clean), together with checkConsistency()'s.
+   */
+  async verify(): Promise<{ problems: string[]; nodes: number; layers: number; dataBytes: number }> {
+    const problems = this.checkConsistency();
+    if (!this.readOnly) await this.commit();
+    const fileBlocks = Math.floor(this.backing.size / BLOCK_BYTES);
+    const slots = Buffer.alloc(FIRST_ALLOCATABLE_BLOCK * BLOCK_BYTES);
+    await readAsync(this.backing, slots, 0);
+    const valid = [0, 1].map((slot) => {
+      try {
+        return decodeSuperblock(slots.subarray(slot * BLOCK_BYTES, (slot + 1) * BLOCK_BYTES));
+      } catch (err) {
+        problems.push(`superblock slot ${slot}: ${(err as Error).message}`);
+        return null;
+      }
+    });
+    const newest = valid.filter((sb) => sb !== null).sort((a, b) => b.sequence - a.sequence)[0];
+    if (!newest) problems.push("no valid superblock");
+    else if (newest.sequence !== this.sequence) {
+      problems.push(`newest superblock has sequence ${newest.sequence}, expected ${this.sequence}`);
+    } else {
+      try {
+        const table = Buffer.alloc(Math.ceil(newest.layerTableBytes / BLOCK_BYTES) * BLOCK_BYTES);
+        await readAsync(this.backing, table, newest.layerTableAddress * BLOCK_BYTES);
+        const decoded = decodeLayerTable(table.subarray(0, newest.layerTableBytes), newest.layerTableCrc);
+        if (decoded.layers.length !== this.layers.size) {
+          problems.push(
+            `layer table on disk has ${decoded.layers.length} layers, ${this.layers.size} in memory`,
+          );
+        }
+      } catch (err) {
+        problems.push(`layer table: ${(err as Error).message}`);
+      }
+    }
+    const nodes = new Set<IndexNode>();
+    const collect = (node: IndexNode): void => {
+      if (nodes.has(node)) return;
+      nodes.add(node);
+      for (let i = 0; i < FANOUT; i++)
+        if (node.types[i] === UnitType.NODE) collect(node.children[i] as IndexNode);
+    };
+    for (const layer of this.layers.values())
+      if (layer.root.type === UnitType.NODE) collect(layer.root.node as IndexNode);
+    const list = [...nodes].filter((node) => !node.dirty);
+    for (let i = 0; i < list.length; i += loadParallelism) {
+      await Promise.all(
+        list.slice(i, i + loadParallelism).map(async (node) => {
+          const buffer = Buffer.alloc(BLOCK_BYTES);
+          await readAsync(this.backing, buffer, node.diskAddress * BLOCK_BYTES);
+          try {
+            const content = decodeNode(buffer, node.diskAddress, fileBlocks);
+            for (let u = 0; u < FANOUT; u++) {
+              const expected =
+                node.types[u] === UnitType.NODE
+                  ? (node.children[u] as IndexNode).diskAddress
+                  : node.addresses[u];
+              if (content.types[u] !== node.types[u] || content.addresses[u] !== expected) {
+                problems.push(
+                  `index node at block ${node.diskAddress}: unit ${u} on disk differs from memory`,
+                );
+                break;
+              }
+            }
+          } catch (err) {
+            problems.push((err as Error).message);
+          }
+        }),
+      );
+    }
+    return {
+      problems,
+      nodes: nodes.size,
+      layers: this.layers.size,
+      dataBytes: this.dataRefs.referencedBlocks * BLOCK_BYTES,
+    };
+  }
+
   // ---------------------------------------------------------------------------------------------
   // Statistics
 
