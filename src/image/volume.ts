@@ -36,7 +36,7 @@ export const volumeBlockStatusExtentsMax = 1024;
 interface RangeLock {
   start: number;
   end: number;
-  grant: () => void;
+  grant: (lock: RangeLock) => void;
   held: boolean;
 }
 
@@ -44,22 +44,24 @@ interface RangeLock {
 class RangeLocks {
   private readonly locks: RangeLock[] = [];
 
-  acquire(start: number, end: number, grant: () => void): RangeLock {
+  /** `grant` runs (possibly at once) with the lock when no earlier overlapping lock is held. */
+  acquire(start: number, end: number, grant: (lock: RangeLock) => void): void {
     const lock: RangeLock = { start, end, grant, held: false };
     const blocked = this.locks.some((other) => other.start < end && start < other.end);
     this.locks.push(lock);
     if (!blocked) {
       lock.held = true;
-      grant();
+      grant(lock);
     }
-    return lock;
   }
 
   release(lock: RangeLock): void {
     const index = this.locks.indexOf(lock);
     assert(index >= 0 && lock.held, "release of a held lock");
     this.locks.splice(index, 1);
-    // Grant waiters in order when nothing before them overlaps.
+    // Grant waiters in order when nothing before them overlaps. Decide first, then call: a grant may
+    // release synchronously and change the list.
+    const granted: RangeLock[] = [];
     for (let i = 0; i < this.locks.length; i++) {
       const candidate = this.locks[i] as RangeLock;
       if (candidate.held) continue;
@@ -73,9 +75,10 @@ class RangeLocks {
       }
       if (!blocked) {
         candidate.held = true;
-        candidate.grant();
+        granted.push(candidate);
       }
     }
+    for (const lock of granted) lock.grant(lock);
   }
 }
 
@@ -250,7 +253,7 @@ export class ImageVolume implements BlockDevice {
     const firstBlock = Math.floor(offset / BLOCK_BYTES);
     const endBlock = Math.ceil((offset + length) / BLOCK_BYTES);
     this.image.beginWrite(() => {
-      const lock = this.locks.acquire(firstBlock, endBlock, () => {
+      this.locks.acquire(firstBlock, endBlock, (lock) => {
         let finished = false;
         const release: Done = (err) => {
           assert(!finished, "mutation released twice");
