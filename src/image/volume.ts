@@ -258,12 +258,17 @@ export class ImageVolume implements BlockDevice {
         const release: Done = (err) => {
           assert(!finished, "mutation released twice");
           finished = true;
-          this.locks.release(lock);
-          this.image.endWrite();
-          if (err || !fua) return done(err);
+          // Complete before unlocking: overlapping requests then complete in the order they take
+          // effect (a FUA write keeps its blocks locked until it is durable).
+          const complete = (result: VdiskError | null): void => {
+            done(result);
+            this.locks.release(lock);
+            this.image.endWrite();
+          };
+          if (err || !fua) return complete(err);
           this.image.commit().then(
-            () => done(null),
-            (commitErr: unknown) => done(fromSystemError(commitErr, "commit")),
+            () => complete(null),
+            (commitErr: unknown) => complete(fromSystemError(commitErr, "commit")),
           );
         };
         try {
