@@ -13,11 +13,18 @@
  *
  * Bad input never reaches other clients: a protocol violation (bad magic, a lying length, an unknown
  * export with NBD_OPT_EXPORT_NAME, too many options) closes only this connection.
+ *
+ * Meta contexts: `base:allocation` (answered by the device) plus whatever the export offers in
+ * `ExportSummary.metaContexts` (answered by `ExportHandle.contextStatus`), e.g. `qemu:dirty-bitmap:NAME`.
+ * SET_META_CONTEXT selects up to `limits.metaContextsMax` of them, each with an id unique on this
+ * connection; the selection is tied to the export name it was made for. A BLOCK_STATUS request asks all
+ * selected contexts at once and counts as one request in flight; its reply is one chunk per context (DONE
+ * on the last), or one error chunk if any context failed.
  */
 import type { Socket } from "node:net";
 import type { BlockDevice, Capabilities, Extent } from "../../devices/block-device";
 import { ZeroFlags } from "../../devices/block-device";
-import { VdiskError, nbdErrnoOf, type NbdErrnoValue, NbdErrno } from "../../errors";
+import { VdiskError, assert, nbdErrnoOf, type NbdErrnoValue, NbdErrno } from "../../errors";
 import * as limits from "../../limits";
 import { ByteQueue } from "./byte-queue";
 import {
@@ -71,8 +78,18 @@ const enum Phase {
   CLOSED,
 }
 
-/** Meta context id we hand out for base:allocation (ids are per connection and opaque to clients). */
-const BASE_ALLOCATION_ID = 1;
+/** A meta context chosen by NBD_OPT_SET_META_CONTEXT; ids are unique per connection, opaque to clients. */
+interface SelectedContext {
+  id: number;
+  name: string;
+}
+
+/** Extents of one context for one BLOCK_STATUS request, as sent: lengths and flags, pairwise. */
+interface ContextExtents {
+  lengths: number[];
+  flags: number[];
+}
+
 /** Prefix of a structured OFFSET_DATA chunk: header + 64-bit offset. */
 const DATA_CHUNK_PREFIX_BYTES = StructuredReplyHeaderBytes + 8;
 const READ_FLAGS_KNOWN = CmdFlag.FUA | CmdFlag.DF;
@@ -90,8 +107,10 @@ export class Connection {
   private requests: RequestParser | null = null;
   private noZeroes = false;
   private structured = false;
-  private metaSelected = false;
+  /** Contexts chosen by the last SET_META_CONTEXT, for `metaExportName`; empty = none. */
+  private metaSelected: SelectedContext[] = [];
   private metaExportName: string | null = null;
+  private metaContextIdNext = 1;
   private optionCount = 0;
   private handshakeTimer: NodeJS.Timeout | null = null;
 
@@ -343,7 +362,7 @@ export class Connection {
     if (option === Opt.INFO) return this.optionReply(option, Rep.ACK);
     const handle = this.config.exports.open(name);
     if (handle === null) return this.optionError(option, Rep.ERR_UNKNOWN, `export "${name}" went away`);
-    if (this.metaExportName !== handle.name) this.metaSelected = false;
+    if (this.metaExportName !== handle.name) this.metaSelected = [];
     this.optionReply(option, Rep.ACK);
     this.enterTransmission(handle);
   }
@@ -372,7 +391,7 @@ export class Connection {
 
   private optMetaContext(option: number, data: Buffer): void {
     const isSet = option === Opt.SET_META_CONTEXT;
-    if (isSet) this.metaSelected = false; // SET replaces the selection even when it fails
+    if (isSet) this.metaSelected = []; // SET replaces the selection even when it fails
     if (!this.structured) {
       return this.optionError(option, Rep.ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first");
     }
@@ -384,25 +403,37 @@ export class Connection {
     const found = this.config.exports.lookup(parsed.exportName);
     if (found === null)
       return this.optionError(option, Rep.ERR_UNKNOWN, `no export named "${parsed.exportName}"`);
+    const offered = [...new Set([BASE_ALLOCATION, ...(found.metaContexts ?? [])])];
 
-    let matches: boolean;
-    if (isSet) {
-      matches = parsed.queries.includes(BASE_ALLOCATION);
-    } else {
-      matches =
-        parsed.queries.length === 0 || parsed.queries.some((q) => q === "base:" || q === BASE_ALLOCATION);
+    if (!isSet) {
+      for (const name of offered) {
+        if (parsed.queries.length === 0 || parsed.queries.some((query) => listQueryMatches(query, name))) {
+          this.optionReply(option, Rep.META_CONTEXT, metaContextPayload(0, name));
+        }
+      }
+      return this.optionReply(option, Rep.ACK);
     }
-    if (matches) {
-      const name = Buffer.from(BASE_ALLOCATION, "utf8");
-      const payload = Buffer.allocUnsafe(4 + name.length);
-      payload.writeUInt32BE(isSet ? BASE_ALLOCATION_ID : 0, 0);
-      name.copy(payload, 4);
-      this.optionReply(option, Rep.META_CONTEXT, payload);
+
+    // SET: only exact names select (wildcards and unknown names are ignored), each context once.
+    const names: string[] = [];
+    for (const query of parsed.queries) {
+      if (offered.includes(query) && !names.includes(query)) names.push(query);
     }
-    if (isSet) {
-      this.metaSelected = matches;
-      this.metaExportName = found.name;
+    if (names.length > limits.metaContextsMax) {
+      return this.optionError(
+        option,
+        Rep.ERR_TOO_BIG,
+        `${names.length} meta contexts requested; at most ${limits.metaContextsMax} can be selected`,
+      );
     }
+    const selected = names.map((name) => ({ id: this.metaContextIdNext++, name }));
+    // Bounded: at most optionsPerHandshakeMax SETs of at most metaContextsMax contexts each.
+    assert(this.metaContextIdNext <= 1 + limits.optionsPerHandshakeMax * limits.metaContextsMax);
+    for (const context of selected) {
+      this.optionReply(option, Rep.META_CONTEXT, metaContextPayload(context.id, context.name));
+    }
+    this.metaSelected = selected;
+    this.metaExportName = found.name;
     this.optionReply(option, Rep.ACK);
   }
 
@@ -427,7 +458,7 @@ export class Connection {
     this.handle = handle;
     this.device = handle.device;
     this.transmissionFlags = this.computeTransmissionFlags(handle.readOnly, handle.device.capabilities);
-    if (this.metaExportName !== handle.name) this.metaSelected = false;
+    if (this.metaExportName !== handle.name) this.metaSelected = [];
     this.requests = new RequestParser(this.config.requestBytesMax);
     this.phase = Phase.TRANSMISSION;
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
@@ -515,19 +546,12 @@ export class Connection {
         return;
       }
       case Cmd.BLOCK_STATUS: {
-        if (!this.structured || !this.metaSelected) {
+        if (!this.structured || this.metaSelected.length === 0) {
           return this.replyError(request, invalid("block status without a selected meta context"));
         }
         if (request.length === 0) return this.replyError(request, invalid("block status of zero length"));
         if (end > size) return this.replyError(request, outOfRange("block status", request, size));
-        this.inflight++;
-        device.blockStatus(request.offset, request.length, (err, extents) => {
-          if (err || !extents) return this.complete(request, err ?? new VdiskError("INTERNAL", "no extents"));
-          this.inflight--;
-          this.replyBlockStatus(request, extents);
-          this.afterCompletion();
-        });
-        return;
+        return this.doBlockStatus(device, request);
       }
       case Cmd.DISC:
         this.draining = true;
@@ -574,6 +598,76 @@ export class Connection {
       writeSimpleHeader(reply, request, 0);
     }
     this.send(reply);
+  }
+
+  /**
+   * Asks every selected context in parallel; one request in flight however many contexts. The reply goes
+   * out once all have answered (never from inside dispatch, so a synchronous answer cannot re-enter the
+   * request loop).
+   */
+  private doBlockStatus(device: BlockDevice, request: NbdRequest): void {
+    const handle = this.handle as ExportHandle;
+    const contexts = this.metaSelected;
+    const results: Array<ContextExtents | VdiskError | null> = contexts.map(() => null);
+    let pending = contexts.length;
+    let dispatching = true;
+    const finish = (): void => {
+      this.inflight--;
+      if (this.phase !== Phase.CLOSED) this.replyBlockStatus(request, contexts, results);
+      this.afterCompletion();
+    };
+    this.inflight++;
+    contexts.forEach((context, index) => {
+      const done = (err: VdiskError | null, extents?: Extent[]): void => {
+        assert(results[index] === null, `meta context ${context.name} answered twice`);
+        results[index] = err ?? this.clampExtents(request, context.name, extents);
+        if (--pending > 0) return;
+        if (dispatching) process.nextTick(finish);
+        else finish();
+      };
+      if (context.name === BASE_ALLOCATION) {
+        device.blockStatus(request.offset, request.length, done);
+      } else if (handle.contextStatus) {
+        handle.contextStatus(context.name, request.offset, request.length, done);
+      } else {
+        done(new VdiskError("INTERNAL", `export does not serve meta context ${context.name}`));
+      }
+    });
+    dispatching = false;
+  }
+
+  /**
+   * A context's extents as they go on the wire: within the request's length, at most one with REQ_ONE
+   * (else at most blockStatusExtentsMax), neighbours with equal flags merged. None is an error.
+   */
+  private clampExtents(
+    request: NbdRequest,
+    context: string,
+    extents: Extent[] | undefined,
+  ): ContextExtents | VdiskError {
+    const reqOne = (request.flags & CmdFlag.REQ_ONE) !== 0;
+    const countMax = reqOne ? 1 : limits.blockStatusExtentsMax;
+    const flagsMask = context === BASE_ALLOCATION ? 3 : 0xffff_ffff;
+    const lengths: number[] = [];
+    const flags: number[] = [];
+    let total = 0;
+    for (const extent of extents ?? []) {
+      if (total >= request.length) break;
+      if (!(extent.length > 0) || !Number.isInteger(extent.length)) break;
+      const length = Math.min(extent.length, request.length - total);
+      const extentFlags = (extent.flags & flagsMask) >>> 0;
+      // Merge neighbours with equal flags (devices may split extents at internal boundaries).
+      const last = lengths.length - 1;
+      if (last >= 0 && flags[last] === extentFlags) lengths[last] += length;
+      else if (lengths.length < countMax) {
+        lengths.push(length);
+        flags.push(extentFlags);
+      } else break;
+      total += length;
+    }
+    if (lengths.length === 0)
+      return new VdiskError("IO_ERROR", `meta context ${context} returned no extents`);
+    return { lengths, flags };
   }
 
   private complete(request: NbdRequest, err: VdiskError | null): void {
@@ -676,38 +770,29 @@ export class Connection {
     });
   }
 
-  private replyBlockStatus(request: NbdRequest, extents: Extent[]): void {
-    if (this.phase === Phase.CLOSED) return;
-    const reqOne = (request.flags & CmdFlag.REQ_ONE) !== 0;
-    const maxCount = reqOne ? 1 : limits.blockStatusExtentsMax;
-    const lengths: number[] = [];
-    const flags: number[] = [];
-    let total = 0;
-    for (const extent of extents) {
-      if (lengths.length >= maxCount || total >= request.length) break;
-      if (!(extent.length > 0)) break;
-      const length = Math.min(extent.length, request.length - total);
-      // Merge neighbours with equal flags (devices may split extents at internal boundaries).
-      const last = lengths.length - 1;
-      if (last >= 0 && flags[last] === extent.flags) lengths[last] += length;
-      else {
-        lengths.push(length);
-        flags.push(extent.flags & 3);
+  /** One BLOCK_STATUS chunk per context, DONE on the last; or one error chunk if any context failed. */
+  private replyBlockStatus(
+    request: NbdRequest,
+    contexts: SelectedContext[],
+    results: Array<ContextExtents | VdiskError | null>,
+  ): void {
+    for (const result of results) {
+      assert(result !== null, "every meta context answered");
+      if (result instanceof VdiskError) return this.replyError(request, result);
+    }
+    contexts.forEach((context, index) => {
+      const { lengths, flags } = results[index] as ContextExtents;
+      const payloadBytes = 4 + 8 * lengths.length;
+      const reply = Buffer.allocUnsafe(StructuredReplyHeaderBytes + payloadBytes);
+      const chunkFlags = index === contexts.length - 1 ? ReplyFlag.DONE : 0;
+      writeStructuredHeader(reply, request, chunkFlags, ReplyType.BLOCK_STATUS, payloadBytes);
+      reply.writeUInt32BE(context.id, StructuredReplyHeaderBytes);
+      for (let i = 0; i < lengths.length; i++) {
+        reply.writeUInt32BE(lengths[i] as number, StructuredReplyHeaderBytes + 4 + 8 * i);
+        reply.writeUInt32BE(flags[i] as number, StructuredReplyHeaderBytes + 8 + 8 * i);
       }
-      total += length;
-    }
-    if (lengths.length === 0) {
-      return this.replyError(request, new VdiskError("INTERNAL", "device returned no extents"));
-    }
-    const payloadBytes = 4 + 8 * lengths.length;
-    const reply = Buffer.allocUnsafe(StructuredReplyHeaderBytes + payloadBytes);
-    writeStructuredHeader(reply, request, ReplyFlag.DONE, ReplyType.BLOCK_STATUS, payloadBytes);
-    reply.writeUInt32BE(BASE_ALLOCATION_ID, StructuredReplyHeaderBytes);
-    for (let i = 0; i < lengths.length; i++) {
-      reply.writeUInt32BE(lengths[i] as number, StructuredReplyHeaderBytes + 4 + 8 * i);
-      reply.writeUInt32BE(flags[i] as number, StructuredReplyHeaderBytes + 8 + 8 * i);
-    }
-    this.send(reply);
+      this.send(reply);
+    });
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -788,6 +873,24 @@ function writeStructuredHeader(
   buffer.writeUInt32BE(request.cookieHi, 8);
   buffer.writeUInt32BE(request.cookieLo, 12);
   buffer.writeUInt32BE(length, 16);
+}
+
+/**
+ * LIST_META_CONTEXT matching: a query ending in a colon (`base:`, `qemu:`, `qemu:dirty-bitmap:`) is a
+ * wildcard for every context it prefixes; any other query matches only the context of that exact name.
+ * Queries of unknown namespaces thus match nothing, as the spec requires.
+ */
+function listQueryMatches(query: string, name: string): boolean {
+  if (query.endsWith(":")) return name.startsWith(query);
+  return query === name;
+}
+
+function metaContextPayload(id: number, name: string): Buffer {
+  const nameBytes = Buffer.from(name, "utf8");
+  const payload = Buffer.allocUnsafe(4 + nameBytes.length);
+  payload.writeUInt32BE(id, 0);
+  nameBytes.copy(payload, 4);
+  return payload;
 }
 
 function invalid(message: string): VdiskError {
