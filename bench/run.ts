@@ -12,26 +12,21 @@
  * 1 MiB sequential write QD8. Each figure is the median of BENCH_RUNS runs.
  *
  * Environment: BENCH_SIZE (default 4G), BENCH_SECONDS (10), BENCH_RAMP (2), BENCH_RUNS (3),
- * BENCH_SERVERS (comma list of ids to run), BENCH_ROWS (comma list of row ids), BENCH_DIR (scratch dir).
+ * BENCH_SERVERS (comma list of ids to run), BENCH_ROWS (comma list of row ids), BENCH_DIR (scratch dir),
+ * BENCH_SECTIONS ("servers,image" by default; image = snapshot chains, snapshot timings, index size — see
+ * image.ts).
  * Results: a table on stdout and JSON in bench/results/<timestamp>.json with the machine's description.
  */
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { spawn } from "node:child_process";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { parseSize } from "../src/util/size";
+import { printImageResults, runImageBench, type ImageBenchResults } from "./image";
+import { type Row, describeMachine, env, fio, format, median, run, stopChild, waitForSocket } from "./common";
 
 const root = path.resolve(__dirname, "..", "..");
 const vdiskBin = path.join(root, "bin", "vdisk");
-
-interface Row {
-  id: string;
-  label: string;
-  rw: string;
-  bs: string;
-  iodepth: number;
-  unit: "IOPS" | "GB/s";
-}
 
 const ROWS: Row[] = [
   { id: "randread-4k-qd1", label: "4K rand read QD1", rw: "randread", bs: "4k", iodepth: 1, unit: "IOPS" },
@@ -54,43 +49,6 @@ interface Server {
   start(image: string, socket: string, scratch: string): Promise<{ uri: string; stop: () => Promise<void> }>;
 }
 
-function env(name: string, fallback: string): string {
-  return process.env[name] ?? fallback;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-async function waitForSocket(socket: string, child: ChildProcess, what: string): Promise<void> {
-  for (let i = 0; i < 300; i++) {
-    if (fs.existsSync(socket)) return;
-    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`);
-    await sleep(100);
-  }
-  throw new Error(`${what} did not create ${socket}`);
-}
-
-function stopChild(child: ChildProcess): Promise<void> {
-  return new Promise((resolve) => {
-    if (child.exitCode !== null || child.signalCode !== null) return resolve();
-    const timer = setTimeout(() => child.kill("SIGKILL"), 15_000);
-    child.once("exit", () => {
-      clearTimeout(timer);
-      resolve();
-    });
-    child.kill("SIGTERM");
-  });
-}
-
-function run(command: string, args: string[]): string {
-  const result = spawnSync(command, args, { encoding: "utf8", maxBuffer: 64 * 1024 * 1024 });
-  if (result.status !== 0) {
-    throw new Error(`${command} ${args.join(" ")} failed (${result.status}): ${result.stderr}`);
-  }
-  return result.stdout;
-}
-
 function qemuNbd(id: string, label: string, aio: string): Server {
   return {
     id,
@@ -107,27 +65,72 @@ function qemuNbd(id: string, label: string, aio: string): Server {
   };
 }
 
-const SERVERS: Server[] = [
-  {
-    id: "vdisk",
-    label: "vdisk raw",
+function vdiskServer(id: string, label: string, format: "raw" | "vdisk"): Server {
+  return {
+    id,
+    label,
     async start(image, socket, scratch) {
-      const home = path.join(scratch, "vdisk-home");
+      const home = path.join(scratch, `${id}-home`);
       const child = spawn(
         process.execPath,
         [vdiskBin, "serve", "--home", home, "--listen", "none", "--http", "none", "--socket", socket],
         { stdio: ["ignore", "ignore", "inherit"] },
       );
-      await waitForSocket(socket, child, "vdisk serve");
       await waitForSocket(path.join(home, "run", "daemon.json"), child, "vdisk serve");
-      // The disk is written through vdisk itself, so its page cache is filled by writes like the others'.
-      run(process.execPath, [vdiskBin, "import", "--home", home, image, "bench"]);
+      const sizeBytes = fs.statSync(image).size;
+      run(process.execPath, [
+        vdiskBin,
+        "create",
+        "--home",
+        home,
+        "bench",
+        "--size",
+        String(sizeBytes),
+        "--format",
+        format,
+      ]);
+      // Written through vdisk itself over NBD, so its page cache is filled by writes like the others'.
+      const uri = `nbd+unix:///bench?socket=${socket}`;
+      run("qemu-img", ["convert", "-n", "-f", "raw", "-O", "raw", "-W", image, uri]);
       fs.rmSync(image);
-      return { uri: `nbd+unix:///bench?socket=${socket}`, stop: () => stopChild(child) };
+      return {
+        uri,
+        stop: async () => {
+          await stopChild(child);
+          fs.rmSync(home, { recursive: true, force: true });
+        },
+      };
     },
-  },
+  };
+}
+
+const SERVERS: Server[] = [
+  vdiskServer("vdisk", "vdisk raw", "raw"),
+  vdiskServer("vdisk-image", "vdisk image", "vdisk"),
   qemuNbd("qemu-nbd", "qemu-nbd raw (threads)", "threads"),
   qemuNbd("qemu-nbd-uring", "qemu-nbd raw io_uring", "io_uring"),
+  {
+    id: "qemu-nbd-qcow2",
+    label: "qemu-nbd qcow2",
+    async start(image, socket) {
+      const qcow2 = `${image}.qcow2`;
+      run("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", image, qcow2]);
+      fs.rmSync(image);
+      const child = spawn(
+        "qemu-nbd",
+        ["-f", "qcow2", "-t", "-e", "8", "--cache=writeback", "--aio=threads", "-k", socket, qcow2],
+        { stdio: "ignore" },
+      );
+      await waitForSocket(socket, child, "qemu-nbd");
+      return {
+        uri: `nbd+unix:///?socket=${socket}`,
+        stop: async () => {
+          await stopChild(child);
+          fs.rmSync(qcow2, { force: true });
+        },
+      };
+    },
+  },
   {
     id: "nbdkit",
     label: "nbdkit file",
@@ -141,60 +144,6 @@ const SERVERS: Server[] = [
   },
 ];
 
-interface Measurement {
-  value: number;
-  latencyUsMean: number;
-}
-
-function fio(uri: string, row: Row, seconds: number, ramp: number, output: string): Measurement {
-  run("fio", [
-    "--name=bench",
-    "--ioengine=nbd",
-    `--uri=${uri}`,
-    `--rw=${row.rw}`,
-    `--bs=${row.bs}`,
-    `--iodepth=${row.iodepth}`,
-    "--time_based",
-    `--runtime=${seconds}`,
-    `--ramp_time=${ramp}`,
-    "--norandommap",
-    "--randrepeat=0",
-    "--output-format=json",
-    `--output=${output}`,
-  ]);
-  const report = JSON.parse(fs.readFileSync(output, "utf8"));
-  const job = report.jobs[0];
-  const side = row.rw.includes("write") ? job.write : job.read;
-  const value = row.unit === "IOPS" ? side.iops : side.bw_bytes / 1e9;
-  return { value, latencyUsMean: side.lat_ns.mean / 1000 };
-}
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)] as number;
-}
-
-function format(value: number, unit: Row["unit"]): string {
-  return unit === "IOPS" ? `${(value / 1000).toFixed(1)}k` : `${value.toFixed(2)} GB/s`;
-}
-
-function describeMachine(): Record<string, unknown> {
-  const version = (command: string, args: string[]): string => {
-    const result = spawnSync(command, args, { encoding: "utf8" });
-    return (result.stdout || result.stderr || "").split("\n")[0]?.trim() ?? "";
-  };
-  return {
-    cpus: os.cpus().length,
-    cpuModel: os.cpus()[0]?.model,
-    memoryBytes: os.totalmem(),
-    kernel: os.release(),
-    node: process.version,
-    fio: version("fio", ["--version"]),
-    qemuNbd: version("qemu-nbd", ["--version"]),
-    nbdkit: version("nbdkit", ["--version"]),
-  };
-}
-
 async function main(): Promise<void> {
   const size = parseSize(env("BENCH_SIZE", "4G"));
   const seconds = Number(env("BENCH_SECONDS", "10"));
@@ -202,7 +151,11 @@ async function main(): Promise<void> {
   const runs = Number(env("BENCH_RUNS", "3"));
   const serverFilter = process.env.BENCH_SERVERS?.split(",");
   const rowFilter = process.env.BENCH_ROWS?.split(",");
-  const servers = SERVERS.filter((s) => !serverFilter || serverFilter.includes(s.id));
+  const sections = env("BENCH_SECTIONS", "servers,image").split(",");
+  const servers = SERVERS.filter(
+    (s) => sections.includes("servers") && (!serverFilter || serverFilter.includes(s.id)),
+  );
+  let imageResults: ImageBenchResults | null = null;
   const rows = ROWS.filter((r) => !rowFilter || rowFilter.includes(r.id));
   const scratch = fs.mkdtempSync(path.join(process.env.BENCH_DIR ?? os.tmpdir(), "vdisk-bench-"));
   console.log(
@@ -250,16 +203,26 @@ async function main(): Promise<void> {
       } finally {
         await stop();
         fs.rmSync(image, { force: true });
-        fs.rmSync(path.join(scratch, "vdisk-home"), { recursive: true, force: true });
       }
       process.stdout.write("\n");
+    }
+    if (sections.includes("image")) {
+      console.log("image section: snapshot chains, snapshot timings, index size");
+      imageResults = await runImageBench({ scratch, master, sizeBytes: size, seconds, ramp, runs, vdiskBin });
     }
   } finally {
     fs.rmSync(scratch, { recursive: true, force: true });
   }
 
   // Table: each server's figure, then vdisk / qemu-nbd and vdisk / best peer.
-  const header = ["row", ...servers.map((s) => s.label), "vdisk/qemu-nbd", "vdisk/best peer"];
+  const header = [
+    "row",
+    ...servers.map((s) => s.label),
+    "vdisk/qemu-nbd",
+    "vdisk/best peer",
+    "image/qcow2",
+    "image/best peer",
+  ];
   const lines = [header];
   for (const row of rows) {
     const cells = [row.label];
@@ -267,17 +230,22 @@ async function main(): Promise<void> {
       const r = results[server.id]?.[row.id];
       cells.push(r ? format(r.median, row.unit) : "-");
     }
-    const ours = results.vdisk?.[row.id]?.median;
-    const qemu = results["qemu-nbd"]?.[row.id]?.median;
-    const peers = servers.filter((s) => s.id !== "vdisk").map((s) => results[s.id]?.[row.id]?.median ?? 0);
+    const figure = (id: string): number | undefined => results[id]?.[row.id]?.median;
+    const peers = servers.filter((s) => !s.id.startsWith("vdisk")).map((s) => figure(s.id) ?? 0);
     const best = Math.max(0, ...peers);
-    cells.push(ours && qemu ? `${(ours / qemu).toFixed(2)}×` : "-");
-    cells.push(ours && best ? `${(ours / best).toFixed(2)}×` : "-");
+    const ratio = (a: number | undefined, b: number | undefined): string =>
+      a && b ? `${(a / b).toFixed(2)}×` : "-";
+    cells.push(ratio(figure("vdisk"), figure("qemu-nbd")));
+    cells.push(ratio(figure("vdisk"), best));
+    cells.push(ratio(figure("vdisk-image"), figure("qemu-nbd-qcow2")));
+    cells.push(ratio(figure("vdisk-image"), best));
     lines.push(cells);
   }
   const widths = header.map((_, i) => Math.max(...lines.map((l) => (l[i] ?? "").length)));
   console.log();
   for (const line of lines) console.log(line.map((cell, i) => cell.padEnd(widths[i] as number)).join("  "));
+
+  if (imageResults) printImageResults(imageResults);
 
   const out = {
     date: new Date().toISOString(),
@@ -286,6 +254,7 @@ async function main(): Promise<void> {
     servers: servers.map((s) => ({ id: s.id, label: s.label })),
     rows,
     results,
+    image: imageResults,
   };
   const file = path.join(root, "bench", "results", `${out.date.replace(/[:.]/g, "-")}.json`);
   fs.mkdirSync(path.dirname(file), { recursive: true });
