@@ -283,6 +283,7 @@ export async function indexBytes(): Promise<
         batch.push(writeAsync(volume, block, (order[k] as number) * 4096));
       await Promise.all(batch);
     }
+    await image.settle(); // let the background regrouping copy full leaves into contiguous extents
     await image.commit();
     const stats = image.layerStats(image.head("rnd")!);
     out[label] = {

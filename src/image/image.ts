@@ -29,6 +29,7 @@ import { VdiskError, assert } from "../errors";
 import type { BlockDevice } from "../devices/block-device";
 import { flushAsync, readAsync, resizeAsync, trimAsync, writeAsync } from "../devices/promises";
 import { FreeSpace, RefcountMap } from "./extent-map";
+import { RangeLocks } from "./range-locks";
 import {
   BLOCK_BYTES,
   BLOCK_SHIFT,
@@ -53,6 +54,8 @@ import {
 export const autoCommitMs = 5_000;
 /** Dirty nodes written per write call during a commit. */
 const commitWriteBlocksMax = 256;
+/** Full leaves waiting for a regrouping copy; more are skipped (they stay correct, just not compact). */
+const regroupQueueMax = 1024;
 /** Parallel reads when loading the index at open. */
 const loadParallelism = 32;
 
@@ -166,6 +169,12 @@ export class Image {
   private commitWanted: Promise<void> | null = null;
   private commitTimer: NodeJS.Timeout | null = null;
   private growing: Promise<void> | null = null;
+  private applyingLayer: Layer | null = null;
+  private readonly regroupQueue: Array<{ layerId: number; start: number }> = [];
+  private regroupRunning: Promise<void> | null = null;
+  private closing = false;
+  /** Leaves copied into contiguous extents so far. */
+  regroups = 0;
   private closed = false;
   commits = 0;
 
@@ -175,6 +184,8 @@ export class Image {
   private readonly gateWaiters: Array<() => void> = [];
   private readonly drainWaiters: Array<() => void> = [];
   private structuralQueue: Promise<unknown> = Promise.resolve();
+  /** Range locks per layer, shared by every volume of that layer. */
+  private readonly rangeLocks = new Map<number, RangeLocks>();
 
   private constructor(
     readonly backing: BlockDevice,
@@ -564,6 +575,15 @@ export class Image {
     return run;
   }
 
+  locksFor(layer: Layer): RangeLocks {
+    let locks = this.rangeLocks.get(layer.id);
+    if (!locks) {
+      locks = new RangeLocks();
+      this.rangeLocks.set(layer.id, locks);
+    }
+    return locks;
+  }
+
   // ---------------------------------------------------------------------------------------------
   // Write gate
 
@@ -796,10 +816,91 @@ export class Image {
       start >= 0 && start < end && end <= unitSpanBlocks(layer.rootLevel + 1),
       "apply range inside the root",
     );
-    layer.root = this.applySlot(layer.root, layer.rootLevel + 1, 0, start, end, type, address);
+    this.applyingLayer = layer;
+    try {
+      layer.root = this.applySlot(layer.root, layer.rootLevel + 1, 0, start, end, type, address);
+    } finally {
+      this.applyingLayer = null;
+    }
     this.layersDirty = true;
     this.nodesDirty = true;
     this.scheduleAutoCommit();
+    if (this.regroupQueue.length > 0 && this.regroupRunning === null) {
+      this.regroupRunning = this.runRegroups().finally(() => {
+        this.regroupRunning = null;
+      });
+    }
+  }
+
+  /** Copy randomly written full leaves into contiguous extents, one at a time, in the background. */
+  private async runRegroups(): Promise<void> {
+    await new Promise((resolve) => setImmediate(resolve));
+    while (this.regroupQueue.length > 0 && !this.closing) {
+      const { layerId, start } = this.regroupQueue.shift() as { layerId: number; start: number };
+      const layer = this.layers.get(layerId);
+      if (layer && layer.kind === "head") await this.regroupLeaf(layer, start);
+    }
+  }
+
+  private regroupLeaf(layer: Layer, start: number): Promise<void> {
+    const end = start + FANOUT;
+    return new Promise((resolve) => {
+      this.beginWrite(() => {
+        this.locksFor(layer).acquire(start, end, (lock) => {
+          const finish = (): void => {
+            this.locksFor(layer).release(lock);
+            this.endWrite();
+            resolve();
+          };
+          if (this.closing || this.layers.get(layer.id) !== layer || end > layer.blocks) return finish();
+          const runs: Run[] = [];
+          this.map(layer, start, end, (run) => runs.push(run));
+          const eligible =
+            runs.length > 1 &&
+            runs.every(
+              (run) =>
+                run.type === UnitType.DATA &&
+                run.pathExclusive &&
+                this.dataRefs.maxCount(run.address, run.count) === 1,
+            );
+          if (!eligible) return finish();
+          const address = this.space.allocate(FANOUT);
+          const buffer = Buffer.allocUnsafe(FANOUT * BLOCK_BYTES);
+          const epoch = this.ioBegin();
+          this.ensureFileCovers((err) => {
+            if (err) {
+              this.unallocateData(address, FANOUT);
+              this.ioEnd(epoch);
+              return finish();
+            }
+            Promise.all(
+              runs.map((run) =>
+                readAsync(
+                  this.backing,
+                  buffer.subarray(
+                    (run.block - start) * BLOCK_BYTES,
+                    (run.block - start + run.count) * BLOCK_BYTES,
+                  ),
+                  run.address * BLOCK_BYTES,
+                ),
+              ),
+            )
+              .then(() => writeAsync(this.backing, buffer, address * BLOCK_BYTES))
+              .then(
+                () => {
+                  this.regroups++;
+                  this.apply(layer, start, end, UnitType.DATA, address);
+                },
+                () => this.unallocateData(address, FANOUT),
+              )
+              .finally(() => {
+                this.ioEnd(epoch);
+                finish();
+              });
+          });
+        });
+      });
+    });
   }
 
   private applySlot(
@@ -842,7 +943,7 @@ export class Image {
         this.applySlot(child, level - 1, slotStart + i * childSpan, lo, hi, type, loAddress),
       );
     }
-    return this.collapse(node, level - 1);
+    return this.collapse(node, level - 1, slotStart);
   }
 
   /** A new node at `level - 1` that maps exactly what `slot` mapped (references move to its units). */
@@ -858,17 +959,25 @@ export class Image {
     return node;
   }
 
-  /** SNPdisk's regrouping: a node whose units are uniform becomes one unit of its parent. */
-  private collapse(node: IndexNode, nodeLevel: number): Slot {
+  /**
+   * SNPdisk's regrouping: a node whose units are uniform becomes one unit of its parent. A leaf full of
+   * DATA units that are not contiguous is queued for a background copy that makes them contiguous.
+   */
+  private collapse(node: IndexNode, nodeLevel: number, slotStart: number): Slot {
     const first = node.types[0] as UnitTypeValue;
     if (first === UnitType.NODE) return { type: UnitType.NODE, address: 0, node };
     const childSpan = unitSpanBlocks(nodeLevel);
     const base = node.addresses[0] as number;
+    let contiguous = true;
     for (let i = 1; i < FANOUT; i++) {
       if (node.types[i] !== first) return { type: UnitType.NODE, address: 0, node };
-      if (first === UnitType.DATA && node.addresses[i] !== base + i * childSpan) {
-        return { type: UnitType.NODE, address: 0, node };
+      if (first === UnitType.DATA && node.addresses[i] !== base + i * childSpan) contiguous = false;
+    }
+    if (!contiguous) {
+      if (nodeLevel === 0 && this.applyingLayer !== null && this.regroupQueue.length < regroupQueueMax) {
+        this.regroupQueue.push({ layerId: this.applyingLayer.id, start: slotStart });
       }
+      return { type: UnitType.NODE, address: 0, node };
     }
     if (node.refs !== 1) return { type: UnitType.NODE, address: 0, node };
     // Per-block data references are unchanged: 512 units over consecutive pieces = one unit over all.
@@ -1142,8 +1251,15 @@ export class Image {
     this.commitTimer.unref();
   }
 
+  /** Resolves once no background regrouping is running (tests, benchmarks). */
+  async settle(): Promise<void> {
+    while (this.regroupRunning) await this.regroupRunning;
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
+    this.closing = true;
+    if (this.regroupRunning) await this.regroupRunning;
     if (!this.readOnly) await this.commit();
     this.closed = true;
     if (this.commitTimer) clearTimeout(this.commitTimer);

@@ -33,59 +33,9 @@ import { type Image, type Layer } from "./image";
 /** Extents returned by one blockStatus call. */
 export const volumeBlockStatusExtentsMax = 1024;
 
-interface RangeLock {
-  start: number;
-  end: number;
-  grant: (lock: RangeLock) => void;
-  held: boolean;
-}
-
-/** FIFO range locks over blocks: a request waits for every earlier overlapping one. */
-class RangeLocks {
-  private readonly locks: RangeLock[] = [];
-
-  /** `grant` runs (possibly at once) with the lock when no earlier overlapping lock is held. */
-  acquire(start: number, end: number, grant: (lock: RangeLock) => void): void {
-    const lock: RangeLock = { start, end, grant, held: false };
-    const blocked = this.locks.some((other) => other.start < end && start < other.end);
-    this.locks.push(lock);
-    if (!blocked) {
-      lock.held = true;
-      grant(lock);
-    }
-  }
-
-  release(lock: RangeLock): void {
-    const index = this.locks.indexOf(lock);
-    assert(index >= 0 && lock.held, "release of a held lock");
-    this.locks.splice(index, 1);
-    // Grant waiters in order when nothing before them overlaps. Decide first, then call: a grant may
-    // release synchronously and change the list.
-    const granted: RangeLock[] = [];
-    for (let i = 0; i < this.locks.length; i++) {
-      const candidate = this.locks[i] as RangeLock;
-      if (candidate.held) continue;
-      let blocked = false;
-      for (let j = 0; j < i; j++) {
-        const earlier = this.locks[j] as RangeLock;
-        if (earlier.start < candidate.end && candidate.start < earlier.end) {
-          blocked = true;
-          break;
-        }
-      }
-      if (!blocked) {
-        candidate.held = true;
-        granted.push(candidate);
-      }
-    }
-    for (const lock of granted) lock.grant(lock);
-  }
-}
-
 export class ImageVolume implements BlockDevice {
   readonly kind = "vdisk";
   readonly capabilities: Capabilities;
-  private readonly locks = new RangeLocks();
   private closed = false;
 
   constructor(
@@ -253,7 +203,7 @@ export class ImageVolume implements BlockDevice {
     const firstBlock = Math.floor(offset / BLOCK_BYTES);
     const endBlock = Math.ceil((offset + length) / BLOCK_BYTES);
     this.image.beginWrite(() => {
-      this.locks.acquire(firstBlock, endBlock, (lock) => {
+      this.image.locksFor(this.layer).acquire(firstBlock, endBlock, (lock) => {
         let finished = false;
         const release: Done = (err) => {
           assert(!finished, "mutation released twice");
@@ -262,7 +212,7 @@ export class ImageVolume implements BlockDevice {
           // effect (a FUA write keeps its blocks locked until it is durable).
           const complete = (result: VdiskError | null): void => {
             done(result);
-            this.locks.release(lock);
+            this.image.locksFor(this.layer).release(lock);
             this.image.endWrite();
           };
           if (err || !fua) return complete(err);

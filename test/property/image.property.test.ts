@@ -347,3 +347,43 @@ test("lookups do not depend on chain depth: a read walks one tree", async () => 
   image.map(head, 0, 1, () => visited++);
   assert.equal(visited, 1);
 });
+
+test("randomly written full leaves are copied into contiguous extents and collapse", async () => {
+  const backing = new MemoryDevice(BACKING_BYTES);
+  const size = 8 * 1024 * 1024;
+  const image = await Image.create(backing, { name: "rnd", sizeBytes: size });
+  const head = image.head("rnd")!;
+  const volume = new ImageVolume(image, head);
+  const blocks = size / 4096;
+  const order = Array.from({ length: blocks }, (_, i) => i);
+  let seed = 7;
+  for (let i = blocks - 1; i > 0; i--) {
+    seed = (seed * 1103515245 + 12345) >>> 0;
+    const j = seed % (i + 1);
+    [order[i], order[j]] = [order[j]!, order[i]!];
+  }
+  const model = Buffer.alloc(size);
+  for (let i = 0; i < blocks; i += 16) {
+    await Promise.all(
+      order.slice(i, i + 16).map((block) => {
+        const data = pattern(4096, (block % 250) + 1);
+        data.copy(model, block * 4096);
+        return writeAsync(volume, data, block * 4096);
+      }),
+    );
+  }
+  await image.settle();
+  assert.ok(image.regroups >= 4, `leaves regrouped (${image.regroups})`);
+  assert.deepEqual(image.checkConsistency(), []);
+  const stats = image.layerStats(head);
+  assert.ok(stats.indexBytes <= 4096, `index collapsed to at most the root (${stats.indexBytes} bytes)`);
+  const actual = Buffer.alloc(size);
+  await readAsync(volume, actual, 0);
+  assert.ok(actual.equals(model), "content unchanged by regrouping");
+  await image.close();
+  const reopened = await Image.open(backing);
+  const again = Buffer.alloc(size);
+  await readAsync(new ImageVolume(reopened, reopened.head("rnd")!), again, 0);
+  assert.ok(again.equals(model));
+  assert.deepEqual((await reopened.verify()).problems, []);
+});
