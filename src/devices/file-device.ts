@@ -40,6 +40,10 @@ import {
 
 /** Extents returned by one blockStatus call; the caller asks again for the rest. */
 export const fileBlockStatusExtentsMax = 1024;
+/** Writes up to this size are batched into one thread-pool hop (larger ones are copy-bound). */
+export const fileWriteBatchBytesMax = 64 * 1024;
+/** Writes per batch. */
+export const fileWriteBatchCountMax = 64;
 /** Size of the shared buffer of zeros written when the file system cannot zero a range itself. */
 export const fileZeroBufferBytes = 1 * MiB;
 
@@ -54,6 +58,13 @@ const closeAsync = promisify(fs.close);
 const fstatAsync = promisify(fs.fstat);
 const ftruncateAsync = promisify(fs.ftruncate);
 const unlinkAsync = promisify(fs.unlink);
+
+interface WriteBatch {
+  buffers: Buffer[];
+  positions: number[];
+  dones: Done[];
+  fua: boolean[];
+}
 
 export interface FileDeviceOptions {
   readOnly?: boolean;
@@ -71,6 +82,7 @@ export class FileDevice implements BlockDevice {
   readonly path: string;
   private fd: number;
   private sizeBytes: number;
+  private pendingBatch: WriteBatch | null = null;
   private readonly native: NativeAddon;
   /** Cleared once the file system answers EOPNOTSUPP to that fallocate mode. */
   private canPunchHole = true;
@@ -174,6 +186,7 @@ export class FileDevice implements BlockDevice {
   write(buf: Buffer, offset: number, fua: boolean, done: Done): void {
     this.assertWritable();
     this.assertRange(offset, buf.length);
+    if (buf.length <= fileWriteBatchBytesMax) return this.batchWrite(buf, offset, fua, done);
     const fd = this.fd;
     const length = buf.length;
     let written = 0;
@@ -201,6 +214,50 @@ export class FileDevice implements BlockDevice {
     };
     fs.write(fd, buf, 0, length, offset, onWrite);
   }
+
+  /**
+   * Small writes submitted in the same event-loop turn go to the thread pool together, in one
+   * pwriteBatch call: for 4 KiB writes the hand-off costs more than the copy (bench: 4K random write
+   * QD32). Order within a batch is submission order. FUA writes complete after one fdatasync.
+   */
+  private batchWrite(buf: Buffer, offset: number, fua: boolean, done: Done): void {
+    let batch = this.pendingBatch;
+    if (batch === null || batch.buffers.length >= fileWriteBatchCountMax) {
+      batch = { buffers: [], positions: [], dones: [], fua: [] };
+      this.pendingBatch = batch;
+      process.nextTick(this.submitBatch, batch);
+    }
+    batch.buffers.push(buf);
+    batch.positions.push(offset);
+    batch.dones.push(done);
+    batch.fua.push(fua);
+  }
+
+  private readonly submitBatch = (batch: WriteBatch): void => {
+    if (this.pendingBatch === batch) this.pendingBatch = null;
+    this.native.pwriteBatch(this.fd, batch.buffers, batch.positions, (err, failedIndex) => {
+      if (err !== null) {
+        const failure = fromSystemError(err, `write ${this.path}`);
+        const failed = failedIndex ?? 0;
+        // Writes before the failed one landed; it and the ones after it did not.
+        batch.dones.forEach((done, i) => done(i < failed ? null : failure));
+        return;
+      }
+      if (!batch.fua.includes(true)) {
+        for (const done of batch.dones) done(null);
+        return;
+      }
+      batch.dones.forEach((done, i) => {
+        if (!batch.fua[i]) done(null);
+      });
+      fs.fdatasync(this.fd, (syncErr) => {
+        const result = syncErr ? fromSystemError(syncErr, `fdatasync ${this.path}`) : null;
+        batch.dones.forEach((done, i) => {
+          if (batch.fua[i]) done(result);
+        });
+      });
+    });
+  };
 
   zero(offset: number, length: number, flags: number, done: Done): void {
     assert((flags & ~(ZeroFlags.FUA | ZeroFlags.MAY_TRIM | ZeroFlags.FAST)) === 0, "unknown zero flags");

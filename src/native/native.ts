@@ -38,6 +38,16 @@ export interface NativeAddon {
    * kernel would have to wait for the disk (EAGAIN). Throws a NativeError on any other failure.
    */
   preadNoWait(fd: number, buffer: Buffer, bufferOffset: number, length: number, position: number): number;
+  /**
+   * Positional writes of every buffer at its position, in order, in one thread-pool hop. The callback
+   * gets null, or the error and the index of the write that failed (earlier ones were written).
+   */
+  pwriteBatch(
+    fd: number,
+    buffers: Buffer[],
+    positions: number[],
+    callback: (err: NativeError | null, failedIndex: number | null) => void,
+  ): void;
 
   readonly FALLOC_FL_KEEP_SIZE: number;
   readonly FALLOC_FL_PUNCH_HOLE: number;
@@ -84,7 +94,7 @@ export function loadNative(): NativeAddon {
       hint: "rebuild it for this Node.js: `npm run build` (node-gyp rebuild)",
     });
   }
-  for (const name of ["fallocate", "seek", "fadvise", "preadNoWait"] as const) {
+  for (const name of ["fallocate", "seek", "fadvise", "preadNoWait", "pwriteBatch"] as const) {
     if (typeof addon[name] !== "function") {
       throw new VdiskError("INTERNAL", `native addon ${found} lacks ${name}(): stale build`, {
         hint: "run `npm run build` (node-gyp rebuild)",

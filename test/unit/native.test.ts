@@ -155,6 +155,41 @@ describe("native addon", () => {
     assert.throws(() => native.preadNoWait(0, "x" as unknown as Buffer, 0, 1, 0), TypeError);
   });
 
+  it("pwriteBatch writes every buffer at its position in one call, and reports the failing index", async () => {
+    const file = path.join(tmpDir, "batch.img");
+    fs.writeFileSync(file, Buffer.alloc(64 * 1024));
+    const fd = fs.openSync(file, "r+");
+    try {
+      const buffers = [Buffer.alloc(4096, 1), Buffer.alloc(100, 2), Buffer.alloc(4096, 3)];
+      const positions = [0, 5000, 4096 * 3];
+      await new Promise<void>((resolve, reject) =>
+        native.pwriteBatch(fd, buffers, positions, (err) => (err ? reject(err) : resolve())),
+      );
+      const content = fs.readFileSync(file);
+      assert.ok(content.subarray(0, 4096).every((b) => b === 1));
+      assert.ok(content.subarray(5000, 5100).every((b) => b === 2));
+      assert.ok(content.subarray(4096 * 3, 4096 * 4).every((b) => b === 3));
+      assert.ok(
+        content.subarray(4096, 5000).every((b) => b === 0),
+        "nothing else written",
+      );
+      assert.throws(() => native.pwriteBatch(fd, [], [], () => {}), RangeError);
+      assert.throws(() => native.pwriteBatch(fd, [Buffer.alloc(1)], [-1], () => {}), RangeError);
+    } finally {
+      fs.closeSync(fd);
+    }
+    const readOnly = fs.openSync(file, "r");
+    try {
+      const failure = await new Promise<[NativeError | null, number | null]>((resolve) =>
+        native.pwriteBatch(readOnly, [Buffer.alloc(10)], [0], (err, index) => resolve([err, index])),
+      );
+      assert.equal(failure[0]?.code, "EBADF");
+      assert.equal(failure[1], 0);
+    } finally {
+      fs.closeSync(readOnly);
+    }
+  });
+
   it("fadvise WILLNEED succeeds", async () => {
     const { fd } = makeFile("fadvise.img", 64 * KiB, 64 * KiB);
     try {
