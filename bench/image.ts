@@ -108,7 +108,7 @@ export async function runImageBench(settings: ImageBenchSettings): Promise<Image
   const child = spawn(
     process.execPath,
     [settings.vdiskBin, "serve", "--home", home, "--listen", "none", "--http", "none", "--socket", nbdSocket],
-    { stdio: ["ignore", "ignore", "inherit"] },
+    { stdio: ["ignore", "ignore", fs.openSync(path.join(settings.scratch, "image-daemon.log"), "a")] },
   );
   const apiSocket = path.join(home, "run", "api.sock");
   try {

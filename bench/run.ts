@@ -4,9 +4,11 @@
  *
  * Servers (each gets its own freshly written copy of one pseudo-random raw image, in the page cache —
  * see ../shared/ANCHORS.md for why a copy filled by writes matters):
- *   vdisk raw            `vdisk serve` on a raw disk created by `vdisk import`
+ *   vdisk raw            `vdisk serve`, a raw disk filled over NBD by qemu-img convert
+ *   vdisk image          the same with a vdisk-format (copy-on-write) disk
  *   qemu-nbd raw         qemu-nbd -f raw -t -e 8 --cache=writeback --aio=threads
  *   qemu-nbd io_uring    same with --aio=io_uring
+ *   qemu-nbd qcow2       qemu-nbd on a qcow2 copy (the peer of the vdisk image)
  *   nbdkit file          nbdkit file plugin
  * Rows: 4 KiB random read QD1 and QD32, 4 KiB random write QD32, 64 KiB sequential read QD8,
  * 1 MiB sequential write QD8. Each figure is the median of BENCH_RUNS runs.
@@ -74,7 +76,7 @@ function vdiskServer(id: string, label: string, format: "raw" | "vdisk"): Server
       const child = spawn(
         process.execPath,
         [vdiskBin, "serve", "--home", home, "--listen", "none", "--http", "none", "--socket", socket],
-        { stdio: ["ignore", "ignore", "inherit"] },
+        { stdio: ["ignore", "ignore", fs.openSync(path.join(scratch, `${id}.log`), "a")] },
       );
       await waitForSocket(path.join(home, "run", "daemon.json"), child, "vdisk serve");
       const sizeBytes = fs.statSync(image).size;
