@@ -47,6 +47,10 @@ export const ErrorCodes = {
   UNKNOWN_DISK: { nbd: NbdErrno.EINVAL, http: 404 },
   DISK_EXISTS: { nbd: NbdErrno.EINVAL, http: 409 },
   DISK_BUSY: { nbd: NbdErrno.EINVAL, http: 409 },
+  UNKNOWN_SNAPSHOT: { nbd: NbdErrno.EINVAL, http: 404 },
+  SNAPSHOT_EXISTS: { nbd: NbdErrno.EINVAL, http: 409 },
+  WRONG_FORMAT: { nbd: NbdErrno.EINVAL, http: 409 }, // e.g. a snapshot of a raw disk
+  TOOL_MISSING: { nbd: NbdErrno.EIO, http: 501 }, // an external program (qemu-img) is not installed
   BAD_NAME: { nbd: NbdErrno.EINVAL, http: 400 },
   BAD_SIZE: { nbd: NbdErrno.EINVAL, http: 400 },
   BAD_REQUEST: { nbd: NbdErrno.EINVAL, http: 400 },

@@ -3,8 +3,11 @@
  * the running daemon of the home through the API (client.ts), so the CLI holds no state of its own.
  *
  * Every command takes `--home DIR` (else $VDISK_HOME, else ./vdisk-home) and `--json` (print the API's JSON
- * body exactly). Exit status: 0 success, 1 a VdiskError (printed as `vdisk: error:` + `  hint:`), 2 a usage
- * error found by commander.
+ * body exactly). Exit status: 0 success, 1 a VdiskError (printed as `vdisk: error:` + `  hint:`) or a
+ * `check` that found problems, 2 a usage error found by commander.
+ *
+ * Snapshots are named DISK@SNAP wherever one name is expected (clone, rollback, export, NBD export names);
+ * `snapshot create|delete` take DISK SNAP (or DISK@SNAP).
  */
 import * as path from "node:path";
 import { Command, CommanderError, InvalidArgumentError } from "commander";
@@ -12,11 +15,23 @@ import { VdiskError } from "../errors";
 import { blockBytesPreferred, requestBytesMaxCeiling } from "../limits";
 import { runDaemon, vdiskVersion, type DaemonOptions } from "../daemon/daemon";
 import { resolveHome } from "../daemon/home";
-import type { DiskInfo } from "../daemon/registry";
+import { parseSnapshotName } from "../daemon/catalog";
+import type { CheckReport, DeleteResult, DiskInfo, DiskTree, SnapshotInfo } from "../daemon/registry";
 import type { JobView } from "../daemon/jobs";
 import { formatSize, parseDiskSize, parseSize } from "../util/size";
 import { ApiClient, type ApiResult } from "./client";
-import { diskDetails, diskTable, jobProgress, jobSummary, keyValues, printError } from "./output";
+import {
+  checkText,
+  deleteText,
+  diskDetails,
+  diskTable,
+  jobProgress,
+  jobSummary,
+  keyValues,
+  printError,
+  snapshotTable,
+  treeText,
+} from "./output";
 
 interface CommonOptions {
   home?: string;
@@ -40,6 +55,25 @@ function output<T>(options: CommonOptions, result: ApiResult<T>, human: (data: T
 
 function diskPath(name: string): string {
   return `/v1/disks/${encodeURIComponent(name)}`;
+}
+
+function snapshotPath(disk: string, snapshot: string): string {
+  return `${diskPath(disk)}/snapshots/${encodeURIComponent(snapshot)}`;
+}
+
+/** `DISK SNAP` or `DISK@SNAP` → both parts. */
+function snapshotTarget(disk: string, snapshot: string | undefined): { disk: string; snapshot: string } {
+  if (snapshot === undefined) return parseSnapshotName(disk);
+  return { disk, snapshot };
+}
+
+function choice(option: string, choices: readonly string[]): (value: string) => string {
+  return (value) => {
+    if (!choices.includes(value)) {
+      throw new InvalidArgumentError(`${option} takes ${choices.join(", ")}, not "${value}"`);
+    }
+    return value;
+  };
 }
 
 function positiveInteger(option: string): (value: string) => number {
@@ -94,13 +128,16 @@ async function serve(options: ServeOptions): Promise<void> {
   }
 }
 
-async function create(name: string, options: CommonOptions & { size: string }): Promise<void> {
+async function create(
+  name: string,
+  options: CommonOptions & { size: string; format: string },
+): Promise<void> {
   const size = parseDiskSize(options.size);
-  const result = await clientFor(options).post<DiskInfo>("/v1/disks", { name, size });
+  const result = await clientFor(options).post<DiskInfo>("/v1/disks", { name, size, format: options.format });
   output(
     options,
     result,
-    (disk) => `created disk ${disk.name}: ${formatSize(disk.size)}, thin (${disk.file})`,
+    (disk) => `created disk ${disk.name}: ${formatSize(disk.size)}, thin ${disk.format} (${disk.file})`,
   );
 }
 
@@ -125,20 +162,108 @@ async function resize(
 
 async function remove(name: string, options: CommonOptions & { force?: boolean }): Promise<void> {
   const query = options.force ? "?force=1" : "";
-  const result = await clientFor(options).delete<{ deleted: string }>(`${diskPath(name)}${query}`);
-  output(options, result, (data) => `deleted disk ${data.deleted}`);
+  const result = await clientFor(options).delete<DeleteResult>(`${diskPath(name)}${query}`);
+  output(options, result, deleteText);
 }
 
-async function importImage(file: string, name: string, options: CommonOptions): Promise<void> {
+async function importImage(
+  file: string,
+  name: string,
+  options: CommonOptions & { format: string },
+): Promise<void> {
   const client = clientFor(options);
-  const started = await client.post<JobView>("/v1/import", { file: path.resolve(file), name });
+  const body = { file: path.resolve(file), name, format: options.format };
+  const started = await client.post<JobView>("/v1/import", body);
   await followJob(client, started.data, options, file, `disk ${name}`);
 }
 
-async function exportImage(name: string, file: string, options: CommonOptions): Promise<void> {
+async function exportImage(
+  name: string,
+  file: string,
+  options: CommonOptions & { format: string },
+): Promise<void> {
   const client = clientFor(options);
-  const started = await client.post<JobView>("/v1/export", { name, file: path.resolve(file) });
-  await followJob(client, started.data, options, `disk ${name}`, file);
+  const body = { name, file: path.resolve(file), format: options.format };
+  const started = await client.post<JobView>("/v1/export", body);
+  const what = name.includes("@") ? `snapshot ${name}` : `disk ${name}`;
+  await followJob(client, started.data, options, what, file);
+}
+
+async function snapshotCreate(disk: string, snap: string | undefined, options: CommonOptions): Promise<void> {
+  const target = snapshotTarget(disk, snap);
+  const result = await clientFor(options).post<SnapshotInfo>(`${diskPath(target.disk)}/snapshots`, {
+    name: target.snapshot,
+  });
+  output(
+    options,
+    result,
+    (snapshot) => `created snapshot ${snapshot.name} (read-only; NBD export name ${snapshot.name})`,
+  );
+}
+
+async function snapshotList(disk: string, options: CommonOptions): Promise<void> {
+  const result = await clientFor(options).get<{ disk: string; snapshots: SnapshotInfo[] }>(
+    `${diskPath(disk)}/snapshots`,
+  );
+  output(options, result, (data) => snapshotTable(data.disk, data.snapshots));
+}
+
+async function snapshotDelete(
+  disk: string,
+  snap: string | undefined,
+  options: CommonOptions & { force?: boolean },
+): Promise<void> {
+  const target = snapshotTarget(disk, snap);
+  const query = options.force ? "?force=1" : "";
+  const result = await clientFor(options).delete<{ deleted: string; freedBytes: number }>(
+    `${snapshotPath(target.disk, target.snapshot)}${query}`,
+  );
+  output(
+    options,
+    result,
+    (data) => `deleted snapshot ${data.deleted} (freed ${formatSize(data.freedBytes)})`,
+  );
+}
+
+async function clone(source: string, name: string, options: CommonOptions): Promise<void> {
+  const target = parseSnapshotName(source);
+  const result = await clientFor(options).post<DiskInfo>(
+    `${snapshotPath(target.disk, target.snapshot)}/clone`,
+    { name },
+  );
+  output(
+    options,
+    result,
+    (disk) => `created disk ${disk.name}: a clone of ${source}, ${formatSize(disk.size)}`,
+  );
+}
+
+async function rollback(source: string, options: CommonOptions & { force?: boolean }): Promise<void> {
+  const target = parseSnapshotName(source);
+  const result = await clientFor(options).post<DiskInfo>(
+    `${snapshotPath(target.disk, target.snapshot)}/rollback`,
+    { force: options.force === true },
+  );
+  output(options, result, (disk) => `disk ${disk.name} rolled back to ${source} (${formatSize(disk.size)})`);
+}
+
+async function tree(disk: string, options: CommonOptions): Promise<void> {
+  output(options, await clientFor(options).get<DiskTree>(`${diskPath(disk)}/tree`), treeText);
+}
+
+async function check(disk: string, options: CommonOptions): Promise<void> {
+  const result = await clientFor(options).post<CheckReport>(`${diskPath(disk)}/check`, {});
+  output(options, result, checkText);
+  if (!result.data.ok) {
+    const count = result.data.problems.length;
+    throw new VdiskError(
+      "CORRUPT",
+      `the check of disk ${disk} found ${count} problem${count === 1 ? "" : "s"}`,
+      {
+        hint: "keep the image file as it is (make a copy) and restore the disk from a backup or an export",
+      },
+    );
+  }
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
@@ -247,6 +372,12 @@ export function buildProgram(): Command {
     .action(serve);
   command(program, "create <name>", "create a thin disk")
     .requiredOption("--size <size>", "disk size, e.g. 20G, 512M, 1.5T (binary units)")
+    .option(
+      "--format <format>",
+      "vdisk (snapshots, clones) or raw (a plain sparse file)",
+      choice("--format", ["vdisk", "raw"]),
+      "vdisk",
+    )
     .action(handled(create));
   command(program, "list", "list the disks").action(handled(list));
   command(program, "info <name>", "show one disk").action(handled(info));
@@ -254,14 +385,44 @@ export function buildProgram(): Command {
     .requiredOption("--size <size>", "the new size, e.g. 40G")
     .option("--shrink", "allow making the disk smaller (the data past the new end is lost)")
     .action(handled(resize));
-  command(program, "delete <name>", "delete a disk and its data")
+  command(program, "delete <name>", "delete a disk, its data and the snapshots no other disk needs")
     .option("--force", "disconnect the disk's NBD clients first")
     .action(handled(remove));
-  command(program, "import <file> <name>", "copy a raw image file into a new thin disk").action(
-    handled(importImage),
+  command(program, "import <file> <name>", "copy an image file (raw, qcow2) into a new thin disk")
+    .option(
+      "--format <format>",
+      "the file's format: auto, raw or qcow2 (qcow2 needs qemu-img)",
+      choice("--format", ["auto", "raw", "qcow2"]),
+      "auto",
+    )
+    .action(handled(importImage));
+  command(program, "export <name> <file>", "copy a disk or a snapshot (DISK@SNAP) into a new image file")
+    .option(
+      "--format <format>",
+      "raw (sparse) or qcow2 (needs qemu-img)",
+      choice("--format", ["raw", "qcow2"]),
+      "raw",
+    )
+    .action(handled(exportImage));
+  const snapshot = program
+    .command("snapshot")
+    .description("create, list and delete snapshots of a vdisk disk");
+  command(snapshot, "create <disk> [snapshot]", "freeze the disk's current content as DISK@SNAPSHOT").action(
+    handled(snapshotCreate),
   );
-  command(program, "export <name> <file>", "copy a disk into a new sparse raw image file").action(
-    handled(exportImage),
+  command(snapshot, "list <disk>", "list the snapshots of a disk").action(handled(snapshotList));
+  command(snapshot, "delete <disk> [snapshot]", "delete a snapshot (the disk and its clones keep their data)")
+    .option("--force", "disconnect the snapshot's NBD clients first")
+    .action(handled(snapshotDelete));
+  command(program, "clone <disk@snapshot> <newdisk>", "make a new disk that starts as a snapshot").action(
+    handled(clone),
+  );
+  command(program, "rollback <disk@snapshot>", "throw away a disk's changes since one of its snapshots")
+    .option("--force", "disconnect the disk's NBD clients first (refused while it has any otherwise)")
+    .action(handled(rollback));
+  command(program, "tree <disk>", "show the snapshot tree of the disk's image").action(handled(tree));
+  command(program, "check <disk>", "verify a disk's image (every index node and checksum)").action(
+    handled(check),
   );
   command(program, "status", "show the daemon's addresses and counters").action(handled(status));
   return program;

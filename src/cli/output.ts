@@ -9,7 +9,15 @@
  */
 import { SingleBar } from "cli-progress";
 import { VdiskError } from "../errors";
-import type { DiskInfo } from "../daemon/registry";
+import type {
+  CheckReport,
+  DeleteResult,
+  DiskInfo,
+  DiskTree,
+  LayerUsage,
+  SnapshotInfo,
+  TreeNode,
+} from "../daemon/registry";
 import type { JobView } from "../daemon/jobs";
 import { formatRate, formatSize } from "../util/size";
 
@@ -44,7 +52,7 @@ export function diskTable(disks: DiskInfo[]): string {
 }
 
 export function diskDetails(disk: DiskInfo): string {
-  return keyValues([
+  const pairs: [string, string][] = [
     ["name", disk.name],
     ["size", `${formatSize(disk.size)} (${disk.size} bytes)`],
     ["allocated", `${formatSize(disk.allocatedBytes)} (${disk.allocatedBytes} bytes)`],
@@ -54,7 +62,115 @@ export function diskDetails(disk: DiskInfo): string {
     ["created", disk.created],
     ["read-only", disk.readOnly ? "yes" : "no"],
     ["connections", String(disk.connections)],
+  ];
+  const image = disk.image;
+  if (!image) return keyValues(pairs);
+  pairs.push(
+    [
+      "image",
+      `${formatSize(image.fileBytes)} file: ${formatSize(image.dataBytes)} data, ${formatSize(image.indexBytes)} index, ${formatSize(image.freeBytes)} free`,
+    ],
+    ["family", image.disks.join(", ")],
+    ["snapshots", String(image.snapshots)],
+  );
+  return `${keyValues(pairs)}\n\nspace per layer (the disk, then the snapshots it is built on):\n${layerTable(image.layers)}`;
+}
+
+function plural(count: number, word: string): string {
+  return `${count} ${word}${count === 1 ? "" : "s"}`;
+}
+
+/** "2025-06-01T12:34:56.789Z" → "2025-06-01 12:34:56" (UTC). */
+export function shortTime(iso: string): string {
+  return iso.slice(0, 19).replace("T", " ");
+}
+
+function layerTable(layers: LayerUsage[]): string {
+  const rows = layers.map((layer) => [
+    layer.name,
+    layer.kind === "head" ? "disk" : "snapshot",
+    formatSize(layer.size),
+    formatSize(layer.mappedBytes),
+    formatSize(layer.exclusiveBytes),
+    formatSize(layer.indexBytes),
+    shortTime(layer.created),
   ]);
+  return table(["LAYER", "KIND", "SIZE", "MAPPED", "EXCLUSIVE", "INDEX", "CREATED"], rows)
+    .split("\n")
+    .map((line) => `  ${line}`)
+    .join("\n");
+}
+
+export function snapshotTable(disk: string, snapshots: SnapshotInfo[]): string {
+  if (snapshots.length === 0)
+    return `disk ${disk} has no snapshots (take one: vdisk snapshot create ${disk} NAME)`;
+  const rows = snapshots.map((snapshot) => [
+    snapshot.name,
+    shortTime(snapshot.created),
+    formatSize(snapshot.size),
+    formatSize(snapshot.mappedBytes),
+    formatSize(snapshot.exclusiveBytes),
+    snapshot.parent ?? "-",
+    String(snapshot.connections),
+  ]);
+  return table(["SNAPSHOT", "CREATED", "SIZE", "MAPPED", "EXCLUSIVE", "PARENT", "CONNECTIONS"], rows);
+}
+
+/** The layer tree as text: one row per layer, the tree drawn in the first column. */
+export function treeText(tree: DiskTree): string {
+  const rows: string[][] = [];
+  const walk = (node: TreeNode, prefix: string, childPrefix: string): void => {
+    const kind = node.kind === "head" ? (node.current ? "disk *" : "disk") : "snapshot";
+    rows.push([
+      `${prefix}${node.name}`,
+      kind,
+      formatSize(node.size),
+      formatSize(node.mappedBytes),
+      formatSize(node.exclusiveBytes),
+      shortTime(node.created),
+      String(node.connections),
+    ]);
+    node.children.forEach((child, index) => {
+      const last = index === node.children.length - 1;
+      walk(child, `${childPrefix}${last ? "└─ " : "├─ "}`, `${childPrefix}${last ? "   " : "│  "}`);
+    });
+  };
+  for (const root of tree.roots) walk(root, "", "");
+  const summary =
+    `image ${tree.file}: ${plural(tree.disks.length, "disk")} (${tree.disks.join(", ")}), ` +
+    `${plural(tree.snapshots, "snapshot")}, ${formatSize(tree.dataBytes)} data, ${formatSize(tree.indexBytes)} index`;
+  const body = table(["LAYER", "KIND", "SIZE", "MAPPED", "EXCLUSIVE", "CREATED", "CONNECTIONS"], rows);
+  return `${summary}\n${body}\n(* = disk ${tree.disk}; EXCLUSIVE = what deleting the layer alone would free)`;
+}
+
+export function checkText(report: CheckReport): string {
+  const what = `disk ${report.disk} (${report.format}, ${report.file})`;
+  if (report.ok) {
+    const scope =
+      report.format === "vdisk"
+        ? `${plural(report.layers, "layer")}, ${plural(report.indexNodes, "index node")}, ${formatSize(report.dataBytes)} of data; disks checked with it: ${report.disks.join(", ")}`
+        : `${formatSize(report.dataBytes)} allocated`;
+    return `${what}: clean (${scope})`;
+  }
+  const count = report.problems.length;
+  return [
+    `${what}: ${count} problem${count === 1 ? "" : "s"}`,
+    ...report.problems.map((p) => `  - ${p}`),
+  ].join("\n");
+}
+
+export function deleteText(result: DeleteResult): string {
+  const lines = [`deleted disk ${result.deleted}`];
+  if (result.snapshotsDeleted && result.snapshotsDeleted.length > 0) {
+    lines[0] += ` and its snapshots ${result.snapshotsDeleted.join(", ")}`;
+  }
+  for (const kept of result.snapshotsKept ?? []) {
+    lines.push(
+      `kept snapshot ${kept.name}: ${kept.neededBy.join(", ")} ${kept.neededBy.length === 1 ? "is" : "are"} built on it`,
+    );
+  }
+  if (result.imageRemoved) lines.push("the image file went with it (it was the last disk of its family)");
+  return lines.join("\n");
 }
 
 export function formatSeconds(seconds: number): string {

@@ -4,12 +4,19 @@
  *
  *   GET    /v1/status                 daemon, addresses, connections, NBD server stats
  *   GET    /v1/disks                  {"disks":[disk...]}
- *   POST   /v1/disks                  {"name","size"} → 201 disk          (size: bytes or "20G")
- *   GET    /v1/disks/NAME             disk
+ *   POST   /v1/disks                  {"name","size","format"?} → 201 disk  (size: bytes or "20G"; vdisk|raw)
+ *   GET    /v1/disks/NAME             disk (vdisk disks: with "image", space per layer)
  *   POST   /v1/disks/NAME/resize      {"size","shrink"?} → disk
- *   DELETE /v1/disks/NAME[?force=1]   {"deleted":"NAME"}
- *   POST   /v1/import                 {"file","name"} → 202 job           (file: absolute path)
- *   POST   /v1/export                 {"name","file"} → 202 job
+ *   DELETE /v1/disks/NAME[?force=1]   {"deleted":"NAME", vdisk: "snapshotsDeleted","snapshotsKept","imageRemoved"}
+ *   GET    /v1/disks/NAME/snapshots   {"disk","snapshots":[snapshot...]}
+ *   POST   /v1/disks/NAME/snapshots   {"name"} → 201 snapshot
+ *   DELETE /v1/disks/NAME/snapshots/SNAP[?force=1]          {"deleted":"NAME@SNAP","freedBytes"}
+ *   POST   /v1/disks/NAME/snapshots/SNAP/clone    {"name"} → 201 disk
+ *   POST   /v1/disks/NAME/snapshots/SNAP/rollback {"force"?} (or ?force=1) → disk
+ *   GET    /v1/disks/NAME/tree        the image's layer tree, nested
+ *   POST   /v1/disks/NAME/check       {"ok","problems":[...],...} (200 even when problems are found)
+ *   POST   /v1/import                 {"file","name","format"?} → 202 job   (file: absolute path; auto|raw|qcow2)
+ *   POST   /v1/export                 {"name","file","format"?} → 202 job   (name: DISK or DISK@SNAP; raw|qcow2)
  *   GET    /v1/jobs                   {"jobs":[job...]}
  *   GET    /v1/jobs/ID                job
  * Errors: {"error":{"code","message","hint"}} with the code's HTTP status (errors.ts).
@@ -25,7 +32,8 @@ import * as fs from "node:fs";
 import { VdiskError, type ErrorCode } from "../errors";
 import { KiB } from "../limits";
 import { parseDiskSize } from "../util/size";
-import type { JobManager } from "./jobs";
+import { diskFormats, type DiskFormat } from "./catalog";
+import { type ExportFormat, type ImportFormat, type JobManager, exportFormats, importFormats } from "./jobs";
 import type { DiskRegistry } from "./registry";
 
 export const apiBodyBytesMax = 64 * KiB;
@@ -65,7 +73,10 @@ function routes(ctx: ApiContext): Route[] {
     {
       method: "POST",
       pattern: /^\/v1\/disks$/,
-      handler: async (_p, body) => ok(await registry.create(field(body, "name"), sizeField(body)), 201),
+      handler: async (_p, body) => {
+        const format = choiceField<DiskFormat>(body, "format", diskFormats, "vdisk");
+        return ok(await registry.create(field(body, "name"), sizeField(body), { format }), 201);
+      },
     },
     {
       method: "GET",
@@ -75,10 +86,7 @@ function routes(ctx: ApiContext): Route[] {
     {
       method: "DELETE",
       pattern: /^\/v1\/disks\/([^/]+)$/,
-      handler: async ([name], _b, query) => {
-        await registry.delete(name, flag(query.get("force")));
-        return ok({ deleted: name });
-      },
+      handler: async ([name], _b, query) => ok(await registry.delete(name, flag(query.get("force")))),
     },
     {
       method: "POST",
@@ -87,14 +95,57 @@ function routes(ctx: ApiContext): Route[] {
         ok(await registry.resize(name, sizeField(body), booleanField(body, "shrink"))),
     },
     {
+      method: "GET",
+      pattern: /^\/v1\/disks\/([^/]+)\/snapshots$/,
+      handler: async ([name]) => ok(registry.snapshots(name)),
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/disks\/([^/]+)\/snapshots$/,
+      handler: async ([name], body) => ok(await registry.snapshotCreate(name, field(body, "name")), 201),
+    },
+    {
+      method: "DELETE",
+      pattern: /^\/v1\/disks\/([^/]+)\/snapshots\/([^/]+)$/,
+      handler: async ([name, snap], _b, query) =>
+        ok(await registry.snapshotDelete(name, snap, flag(query.get("force")))),
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/disks\/([^/]+)\/snapshots\/([^/]+)\/clone$/,
+      handler: async ([name, snap], body) => ok(await registry.clone(name, snap, field(body, "name")), 201),
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/disks\/([^/]+)\/snapshots\/([^/]+)\/rollback$/,
+      handler: async ([name, snap], body, query) =>
+        ok(await registry.rollback(name, snap, booleanField(body, "force") || flag(query.get("force")))),
+    },
+    {
+      method: "GET",
+      pattern: /^\/v1\/disks\/([^/]+)\/tree$/,
+      handler: async ([name]) => ok(registry.tree(name)),
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/disks\/([^/]+)\/check$/,
+      handler: async ([name]) => ok(await registry.check(name)),
+    },
+    {
       method: "POST",
       pattern: /^\/v1\/import$/,
-      handler: async (_p, body) => ok(await jobs.startImport(field(body, "file"), field(body, "name")), 202),
+      handler: async (_p, body) => {
+        const format = choiceField<ImportFormat>(body, "format", importFormats, "auto");
+        return ok(await jobs.startImport(field(body, "file"), field(body, "name"), format), 202);
+      },
     },
     {
       method: "POST",
       pattern: /^\/v1\/export$/,
-      handler: async (_p, body) => ok(await jobs.startExport(field(body, "name"), field(body, "file")), 202),
+      handler: async (_p, body) => {
+        const format = choiceField<ExportFormat>(body, "format", exportFormats, "raw");
+        return ok(await jobs.startExport(field(body, "name"), field(body, "file"), format), 202);
+      },
     },
     { method: "GET", pattern: /^\/v1\/jobs$/, handler: async () => ok({ jobs: jobs.list() }) },
     { method: "GET", pattern: /^\/v1\/jobs\/(\d+)$/, handler: async ([id]) => ok(jobs.get(Number(id))) },
@@ -132,6 +183,17 @@ function booleanField(body: Body, name: string): boolean {
     });
   }
   return value;
+}
+
+function choiceField<T extends string>(body: Body, name: string, choices: readonly T[], fallback: T): T {
+  const value = body[name];
+  if (value === undefined) return fallback;
+  if (typeof value !== "string" || !(choices as readonly string[]).includes(value)) {
+    throw new VdiskError("BAD_REQUEST", `"${name}" must be one of ${choices.join(", ")}`, {
+      hint: `send {"${name}": "${fallback}"}`,
+    });
+  }
+  return value as T;
 }
 
 function flag(value: string | null): boolean {
@@ -255,7 +317,7 @@ async function answer(
       return await route.handler(decodeParams(match), body, url.searchParams);
     }
     throw new VdiskError("NOT_FOUND", `no API route ${method} ${url.pathname}`, {
-      hint: "the routes are under /v1: status, disks, disks/NAME, disks/NAME/resize, import, export, jobs",
+      hint: "the routes are under /v1: status, disks, disks/NAME, disks/NAME/{resize,snapshots,tree,check}, import, export, jobs",
     });
   } catch (err) {
     return errorReply(err, log);

@@ -1,15 +1,20 @@
 /**
  * The catalog: the list of disks of one home, in `<home>/catalog.json`.
  *
- *   {"version":1,"disks":[{"name":"default","size":8589934592,"format":"raw","pool":"default",
- *                          "file":"pools/default/default.raw","created":"2025-…Z","readOnly":false}]}
+ *   {"version":1,"disks":[{"name":"default","size":8589934592,"format":"vdisk","pool":"default",
+ *                          "file":"pools/default/default.vdisk","created":"2025-…Z","readOnly":false}]}
+ *
+ * Formats: "raw" (the file is the disk, byte for byte) and "vdisk" (the file is a vdisk image, see
+ * src/image; the disk is the image's head of the same name). One vdisk image holds a whole family — a disk,
+ * its snapshots and the disks cloned from them — so several vdisk records may name the same file; a raw
+ * file belongs to exactly one disk.
  *
  * It is the only record of which disks exist. It is rewritten whole and atomically (temp file, fsync,
  * rename, fsync of the directory), so a crash leaves the old or the new catalog, never a mix. Its content is
  * untrusted on load: every field is checked, and a file path must stay inside the home.
  *
  * Disk names: [A-Za-z0-9][A-Za-z0-9._-]*, at most limits.diskNameBytesMax bytes; '@' is reserved for
- * DISK@SNAPSHOT names.
+ * DISK@SNAPSHOT names. Snapshot names follow the same rules.
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
@@ -20,7 +25,8 @@ import { writeFileAtomic } from "./home";
 
 export const catalogVersion = 1;
 
-export type DiskFormat = "raw";
+export type DiskFormat = "raw" | "vdisk";
+export const diskFormats: readonly DiskFormat[] = ["raw", "vdisk"];
 
 export interface DiskRecord {
   name: string;
@@ -28,7 +34,7 @@ export interface DiskRecord {
   size: number;
   format: DiskFormat;
   pool: string;
-  /** Relative to the home, e.g. "pools/default/web.raw". */
+  /** Relative to the home, e.g. "pools/default/web.raw" or, shared by a family, "pools/default/web.vdisk". */
   file: string;
   /** ISO 8601. */
   created: string;
@@ -43,10 +49,10 @@ export interface Catalog {
 const namePattern = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
 const nameHint = `use letters, digits, '.', '_' and '-', starting with a letter or digit, at most ${diskNameBytesMax} bytes`;
 
-/** Throw BAD_NAME unless `name` is a valid disk name. */
-export function validateDiskName(name: unknown): string {
+/** Throw BAD_NAME unless `name` is a valid disk name (or, with what = "snapshot", snapshot name). */
+export function validateDiskName(name: unknown, what: "disk" | "snapshot" = "disk"): string {
   if (typeof name !== "string" || name === "") {
-    throw new VdiskError("BAD_NAME", "a disk name is required", { hint: nameHint });
+    throw new VdiskError("BAD_NAME", `a ${what} name is required`, { hint: nameHint });
   }
   if (name.includes("@")) {
     throw new VdiskError("BAD_NAME", `"${name}" contains '@', which is reserved for DISK@SNAPSHOT names`, {
@@ -54,14 +60,32 @@ export function validateDiskName(name: unknown): string {
     });
   }
   if (Buffer.byteLength(name) > diskNameBytesMax) {
-    throw new VdiskError("BAD_NAME", `the disk name is longer than ${diskNameBytesMax} bytes`, {
+    throw new VdiskError("BAD_NAME", `the ${what} name is longer than ${diskNameBytesMax} bytes`, {
       hint: nameHint,
     });
   }
   if (!namePattern.test(name)) {
-    throw new VdiskError("BAD_NAME", `"${name}" is not a valid disk name`, { hint: nameHint });
+    throw new VdiskError("BAD_NAME", `"${name}" is not a valid ${what} name`, { hint: nameHint });
   }
   return name;
+}
+
+/** A snapshot's full name, as NBD exports and the CLI spell it. */
+export function snapshotName(disk: string, snapshot: string): string {
+  return `${disk}@${snapshot}`;
+}
+
+/** "DISK@SNAP" → both parts, validated; BAD_NAME (with the form in the hint) otherwise. */
+export function parseSnapshotName(text: string): { disk: string; snapshot: string } {
+  const at = text.indexOf("@");
+  if (at < 0) {
+    throw new VdiskError("BAD_NAME", `"${text}" does not name a snapshot`, {
+      hint: "name a snapshot as DISK@SNAPSHOT, e.g. web@before-upgrade (vdisk snapshot list DISK shows them)",
+    });
+  }
+  const disk = validateDiskName(text.slice(0, at));
+  const snapshot = validateDiskName(text.slice(at + 1), "snapshot");
+  return { disk, snapshot };
 }
 
 export function emptyCatalog(): Catalog {
@@ -100,10 +124,18 @@ function checkCatalog(parsed: unknown, file: string, home: string): Catalog {
   if (record.version !== catalogVersion) throw corrupt(file, `unknown version ${String(record.version)}`);
   if (!Array.isArray(record.disks)) throw corrupt(file, '"disks" is not a list');
   const seen = new Set<string>();
+  const files = new Map<string, DiskFormat>();
   const disks = record.disks.map((entry: unknown, index: number) => {
     const disk = checkRecord(entry, file, home, index);
     if (seen.has(disk.name)) throw corrupt(file, `disk "${disk.name}" is listed twice`);
     seen.add(disk.name);
+    // Only the disks of one vdisk image share a file.
+    const key = path.posix.normalize(disk.file);
+    const owner = files.get(key);
+    if (owner !== undefined && (owner === "raw" || disk.format === "raw")) {
+      throw corrupt(file, `disk "${disk.name}": its file ${disk.file} belongs to another disk`);
+    }
+    files.set(key, disk.format);
     return disk;
   });
   return { version: catalogVersion, disks };
@@ -120,7 +152,9 @@ function checkRecord(entry: unknown, file: string, home: string, index: number):
   } catch (err) {
     throw corrupt(file, `${where}: ${(err as Error).message}`, err);
   }
-  if (disk.format !== "raw") throw corrupt(file, `${where}: unknown format ${String(disk.format)}`);
+  if (disk.format !== "raw" && disk.format !== "vdisk") {
+    throw corrupt(file, `${where}: unknown format ${String(disk.format)}`);
+  }
   if (
     typeof disk.pool !== "string" ||
     typeof disk.created !== "string" ||
@@ -134,7 +168,7 @@ function checkRecord(entry: unknown, file: string, home: string, index: number):
   return {
     name: disk.name as string,
     size: disk.size,
-    format: "raw",
+    format: disk.format,
     pool: disk.pool,
     file: disk.file,
     created: disk.created,

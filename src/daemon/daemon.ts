@@ -154,6 +154,7 @@ async function startParts(
   registry.setDisconnector(server);
   const jobs = (started.jobs = new JobManager(registry));
   const nbdBound = await listenNbd(server, plan, started);
+  jobs.setNbdEndpoint({ unix: plan.nbdSocket, tcp: nbdBound });
   const info: DaemonInfo = {
     pid: process.pid,
     version: vdiskVersion(),

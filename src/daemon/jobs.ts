@@ -8,6 +8,12 @@
  * that hold data. Everything goes through the device verbs, so a disk can be imported into or exported
  * while clients use it, and a resize or delete waits for the job (the job pins its disk).
  *
+ * Images in other formats (qcow2, and whatever else qemu-img reads) go through qemu-img (qemu-img.ts) and the
+ * daemon's own NBD server: import creates a disk of the image's virtual size, then runs
+ * `qemu-img convert -n -O raw FILE nbd+unix:///NAME?socket=...`; export runs
+ * `qemu-img convert -O qcow2 nbd+unix:///NAME?socket=... FILE`. Imports detect the format (--format auto):
+ * the qcow2 magic, else qemu-img info, else (no qemu-img) raw. A snapshot DISK@SNAP exports like a disk.
+ *
  * A failed import deletes the disk it created; a failed export removes the file it created. Finished jobs
  * are kept (at most jobsKeptMax of them) so the CLI can read the outcome.
  */
@@ -16,10 +22,22 @@ import * as path from "node:path";
 import { VdiskError, fromSystemError, type ErrorCode } from "../errors";
 import { copyChunkBytes, copyChunksInflight } from "../limits";
 import { ExtentFlags, type BlockDevice } from "../devices/block-device";
-import { blockStatusAsync, flushAsync, readAsync, writeAsync } from "../devices/promises";
+import { blockStatusAsync, flushAsync, readAsync, usageAsync, writeAsync } from "../devices/promises";
 import { checkDiskSize, formatSize, roundUpToAlignment } from "../util/size";
 import { validateDiskName } from "./catalog";
+import { qcow2Magic, qemuImgConvert, qemuImgInfo, type Conversion } from "./qemu-img";
 import type { DiskRegistry } from "./registry";
+
+export const importFormats = ["auto", "raw", "qcow2"] as const;
+export type ImportFormat = (typeof importFormats)[number];
+export const exportFormats = ["raw", "qcow2"] as const;
+export type ExportFormat = (typeof exportFormats)[number];
+
+/** Where the daemon's NBD server listens, for qemu-img to reach it. */
+export interface NbdEndpoint {
+  unix: string | null;
+  tcp: { host: string; port: number } | null;
+}
 
 export type JobKind = "import" | "export";
 export type JobState = "running" | "done" | "failed";
@@ -31,6 +49,8 @@ export interface JobView {
   state: JobState;
   disk: string;
   file: string;
+  /** The image file's format: raw, qcow2 (or another format qemu-img read). */
+  format: string;
   bytesDone: number;
   bytesTotal: number;
   /** Bytes actually written (data); the rest were holes or zeros that were skipped. */
@@ -46,6 +66,8 @@ interface Job {
   startedMs: number;
   cancelled: boolean;
   done: Promise<void>;
+  /** Stops an external helper (qemu-img) at shutdown. */
+  stop: (() => void) | null;
 }
 
 export const jobsKeptMax = 64;
@@ -56,8 +78,27 @@ const zeroChunk = Buffer.alloc(copyChunkBytes);
 export class JobManager {
   private readonly jobs = new Map<number, Job>();
   private nextId = 1;
+  private nbd: NbdEndpoint = { unix: null, tcp: null };
 
   constructor(private readonly registry: DiskRegistry) {}
+
+  /** Tell the jobs where the NBD server listens (qemu-img conversions connect to it). */
+  setNbdEndpoint(endpoint: NbdEndpoint): void {
+    this.nbd = endpoint;
+  }
+
+  private nbdUri(exportName: string): string {
+    const name = encodeURIComponent(exportName);
+    if (this.nbd.unix !== null) return `nbd+unix:///${name}?socket=${this.nbd.unix}`;
+    const tcp = this.nbd.tcp;
+    if (tcp !== null) {
+      const host = tcp.host.includes(":") ? `[${tcp.host}]` : tcp.host;
+      return `nbd://${host === "0.0.0.0" ? "127.0.0.1" : host === "[::]" ? "[::1]" : host}:${tcp.port}/${name}`;
+    }
+    throw new VdiskError("NOT_SUPPORTED", "qemu-img conversions need the daemon's NBD server, which is off", {
+      hint: "start the daemon without --socket none (or without --listen none)",
+    });
+  }
 
   get(id: number): JobView {
     const job = this.jobs.get(id);
@@ -82,20 +123,35 @@ export class JobManager {
     return { ...job.view, rateBytesPerSecond: rate, error: job.view.error ? { ...job.view.error } : null };
   }
 
-  /** Import the raw image `file` (absolute path) into a new thin disk `name`. */
-  async startImport(file: string, name: string): Promise<JobView> {
+  /**
+   * Import the image `file` (absolute path) into a new thin vdisk disk `name`. Raw images are copied by the
+   * daemon; others (qcow2, ...) by qemu-img through the daemon's NBD server.
+   */
+  async startImport(file: string, name: string, format: ImportFormat = "auto"): Promise<JobView> {
     validateDiskName(name);
+    checkFormat(format, importFormats, "import");
     const source = await openSource(file);
+    let detected: string;
+    try {
+      detected = await detectFormat(source.handle, file, format);
+    } catch (err) {
+      await source.handle.close();
+      throw err;
+    }
+    if (detected !== "raw") {
+      await source.handle.close();
+      return this.startQemuImport(file, name, detected);
+    }
     const id = this.nextId++;
     try {
       const diskBytes = checkDiskSize(roundUpToAlignment(Math.max(source.bytes, 1)));
-      await this.registry.create(name, diskBytes, { jobId: id, what: "import" });
+      await this.registry.create(name, diskBytes, { pinFor: { jobId: id, what: "import" } });
     } catch (err) {
       await source.handle.close();
       throw err;
     }
     const device = this.registry.device(name);
-    const job = this.add(id, "import", name, file, source.bytes);
+    const job = this.add(id, "import", name, file, "raw", source.bytes);
     const release = async (): Promise<void> => {
       this.registry.unpin(name, id);
       await source.handle.close();
@@ -107,13 +163,36 @@ export class JobManager {
     return this.snapshot(job);
   }
 
-  /** Export disk `name` into a new sparse raw file `file` (absolute path; it must not exist). */
-  async startExport(name: string, file: string): Promise<JobView> {
+  private async startQemuImport(file: string, name: string, format: string): Promise<JobView> {
+    const info = await qemuImgInfo(file, format);
+    const target = this.nbdUri(name);
+    const id = this.nextId++;
+    const diskBytes = checkDiskSize(roundUpToAlignment(Math.max(info.virtualSize, 1)));
+    await this.registry.create(name, diskBytes, { pinFor: { jobId: id, what: "import" } });
+    const job = this.add(id, "import", name, file, format, diskBytes);
+    const release = async (): Promise<void> => this.registry.unpin(name, id);
+    const undo = async (): Promise<void> => {
+      await this.registry.delete(name, true).catch(() => undefined);
+    };
+    const work = async (): Promise<void> => {
+      await this.convert(job, ["-n", "-f", format, "-O", "raw", file, target]);
+      const device = this.registry.device(name);
+      await flushAsync(device);
+      job.view.bytesWritten = (await usageAsync(device)).allocatedBytes;
+    };
+    job.done = this.run(job, work, release, undo);
+    return this.snapshot(job);
+  }
+
+  /** Export disk or snapshot `name` into a new file `file` (absolute path; it must not exist). */
+  async startExport(name: string, file: string, format: ExportFormat = "raw"): Promise<JobView> {
+    checkFormat(format, exportFormats, "export");
     const device = this.registry.device(name);
+    if (format === "qcow2") return this.startQemuExport(name, file, device.size);
     const target = await createTarget(file, device.size);
     const id = this.nextId++;
     this.registry.pin(name, id, "export");
-    const job = this.add(id, "export", name, file, device.size);
+    const job = this.add(id, "export", name, file, "raw", device.size);
     const release = async (): Promise<void> => {
       this.registry.unpin(name, id);
       await target.close();
@@ -123,13 +202,58 @@ export class JobManager {
     return this.snapshot(job);
   }
 
-  private add(id: number, kind: JobKind, disk: string, file: string, bytesTotal: number): Job {
+  private async startQemuExport(name: string, file: string, bytes: number): Promise<JobView> {
+    const source = this.nbdUri(name);
+    // Reserve the name (export never overwrites a file); qemu-img then writes the image into it.
+    await (await createTarget(file, 0)).close();
+    const id = this.nextId++;
+    try {
+      this.registry.pin(name, id, "export");
+    } catch (err) {
+      await fs.promises.rm(file, { force: true });
+      throw err;
+    }
+    const job = this.add(id, "export", name, file, "qcow2", bytes);
+    const release = async (): Promise<void> => this.registry.unpin(name, id);
+    const undo = (): Promise<void> => fs.promises.rm(file, { force: true });
+    const work = async (): Promise<void> => {
+      await this.convert(job, ["-f", "raw", "-O", "qcow2", source, file]);
+      job.view.bytesWritten = (await fs.promises.stat(file)).blocks * 512;
+    };
+    job.done = this.run(job, work, release, undo);
+    return this.snapshot(job);
+  }
+
+  /** Run qemu-img convert for `job`, with its progress, stoppable at shutdown. */
+  private async convert(job: Job, args: string[]): Promise<void> {
+    checkCancelled(job);
+    const conversion: Conversion = qemuImgConvert(args, (fraction) => {
+      job.view.bytesDone = Math.round(fraction * job.view.bytesTotal);
+    });
+    job.stop = conversion.kill;
+    try {
+      await conversion.done;
+    } finally {
+      job.stop = null;
+    }
+    job.view.bytesDone = job.view.bytesTotal;
+  }
+
+  private add(
+    id: number,
+    kind: JobKind,
+    disk: string,
+    file: string,
+    format: string,
+    bytesTotal: number,
+  ): Job {
     const view: JobView = {
       id,
       kind,
       state: "running",
       disk,
       file: path.basename(file),
+      format,
       bytesDone: 0,
       bytesTotal,
       bytesWritten: 0,
@@ -138,7 +262,7 @@ export class JobManager {
       finishedAt: null,
       error: null,
     };
-    const job: Job = { view, startedMs: Date.now(), cancelled: false, done: Promise.resolve() };
+    const job: Job = { view, startedMs: Date.now(), cancelled: false, done: Promise.resolve(), stop: null };
     this.jobs.set(id, job);
     this.prune();
     return job;
@@ -183,12 +307,44 @@ export class JobManager {
   /** Daemon shutdown: stop every running job and wait for it to undo itself. */
   async cancelAll(): Promise<void> {
     const running = [...this.jobs.values()].filter((job) => job.view.state === "running");
-    for (const job of running) job.cancelled = true;
+    for (const job of running) {
+      job.cancelled = true;
+      job.stop?.();
+    }
     await Promise.all(running.map((job) => job.done));
   }
 }
 
 // ---- Source and target files ---------------------------------------------------------------------------
+
+function checkFormat(format: string, allowed: readonly string[], what: string): void {
+  if (!allowed.includes(format)) {
+    throw new VdiskError("BAD_REQUEST", `${what} does not know the format "${format}"`, {
+      hint: `${what} takes --format ${allowed.join("|")}`,
+    });
+  }
+}
+
+/**
+ * The format of an image to import: as asked, else the qcow2 magic, else what qemu-img info detects, else
+ * (qemu-img missing) raw.
+ */
+async function detectFormat(
+  handle: fs.promises.FileHandle,
+  file: string,
+  format: ImportFormat,
+): Promise<string> {
+  if (format !== "auto") return format;
+  const head = Buffer.alloc(qcow2Magic.length);
+  const { bytesRead } = await handle.read(head, 0, head.length, 0);
+  if (bytesRead === head.length && head.equals(qcow2Magic)) return "qcow2";
+  try {
+    return (await qemuImgInfo(file)).format;
+  } catch (err) {
+    if (err instanceof VdiskError && err.code === "TOOL_MISSING") return "raw";
+    throw err;
+  }
+}
 
 function systemReason(err: unknown): string {
   return (err as NodeJS.ErrnoException).code ?? (err as Error).message;
@@ -211,14 +367,14 @@ async function openSource(file: string): Promise<{ handle: fs.promises.FileHandl
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code === "ENOENT" ? "NOT_FOUND" : "BAD_REQUEST";
     throw new VdiskError(code, `cannot open ${name} to import it (${systemReason(err)})`, {
-      hint: "give the path of a raw disk image the daemon's user can read",
+      hint: "give the path of a disk image the daemon's user can read",
     });
   }
   const stat = await handle.stat();
   if (!stat.isFile() || stat.size === 0) {
     await handle.close();
     throw new VdiskError("BAD_REQUEST", `${name} is ${stat.isFile() ? "empty" : "not a regular file"}`, {
-      hint: "import takes a raw disk image file (convert others first: qemu-img convert -O raw IN OUT)",
+      hint: "import takes a disk image file: raw, qcow2, or another format qemu-img reads",
     });
   }
   return { handle, bytes: stat.size };

@@ -1,26 +1,46 @@
 /**
  * DiskRegistry: the daemon's set of disks, each an open BlockDevice, and the NBD server's ExportProvider.
  *
- * Every disk of the catalog is opened at start (so `lookup`/`open`, which the NBD handshake calls
- * synchronously, never wait). Each disk counts the export handles open on it (one per NBD connection in
- * transmission) and the pins held by jobs (import/export); delete refuses a disk with handles unless forced
- * (then the server is asked to disconnect them and we wait for their release) and always refuses a pinned
- * disk. Mutations (create, delete, resize) run one at a time, so catalog rewrites never interleave.
+ * Two formats. A raw disk is a sparse file opened as a FileDevice. A vdisk disk is a head of a vdisk image
+ * (src/image): one image file holds a whole family — a disk, its snapshots and the disks cloned from them —
+ * so the registry opens each image file once (`OpenImage`, shared by every disk of the family, kept open
+ * while any of them exists) and serves each head through its own ImageVolume. Snapshots are exported
+ * read-only as `DISK@SNAP`; a vdisk export also offers a `qemu:dirty-bitmap:SNAP` meta context for every
+ * snapshot in its ancestry (snapshots of other disks as `OTHER@SNAP`), answered by ImageVolume.changedSince.
  *
- * Order of effects, chosen so a crash leaves nothing unaccounted for but at most an orphan file:
- * create = file, then catalog; delete = catalog, then file; resize = device, then catalog (on load the
- * device's size wins over the catalog's).
+ * Every disk of the catalog is opened at start (so `lookup`/`open`, which the NBD handshake calls
+ * synchronously, never wait). Each disk and each exported snapshot counts the export handles open on it
+ * (one per NBD connection in transmission) and the pins held by jobs (import/export); delete, rollback and
+ * snapshot delete refuse a target with handles unless forced (then the server is asked to disconnect them
+ * and we wait for their release) and always refuse a pinned one. Mutations (create, delete, resize,
+ * snapshot, clone, rollback) run one at a time, so catalog rewrites never interleave.
+ *
+ * Order of effects, chosen so a crash leaves nothing unaccounted for but at most an orphan:
+ * create = file, then catalog; clone = image head, then catalog; delete = catalog, then head/snapshots,
+ * then file; resize = device, then catalog (on load the device's size wins over the catalog's). A head of
+ * an image that no catalog entry names is such an orphan (a clone or delete cut short): it is removed at
+ * load, with a log line.
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { VdiskError, fromSystemError } from "../errors";
+import { VdiskError, assert, fromSystemError } from "../errors";
 import { defaultDiskName, drainTimeoutMs } from "../limits";
-import type { BlockDevice } from "../devices/block-device";
+import type { BlockDevice, ExtentsDone } from "../devices/block-device";
 import { closeAsync, flushAsync, resizeAsync, usageAsync } from "../devices/promises";
 import { FileDevice } from "../devices/file-device";
+import { Image, type Layer } from "../image/image";
+import { ImageVolume } from "../image/volume";
 import type { ExportHandle, ExportProvider, ExportSummary } from "../protocol/nbd/exports";
 import { checkDiskSize, formatSize } from "../util/size";
-import { type Catalog, type DiskRecord, loadCatalog, saveCatalog, validateDiskName } from "./catalog";
+import {
+  type Catalog,
+  type DiskFormat,
+  type DiskRecord,
+  loadCatalog,
+  saveCatalog,
+  snapshotName,
+  validateDiskName,
+} from "./catalog";
 import { defaultPoolName } from "./home";
 
 /** Opens (or, with `create`, creates as a sparse file of that size) a disk's backing device. */
@@ -34,6 +54,43 @@ export interface ExportDisconnector {
   disconnectExport(exportName: string): void;
 }
 
+/** The meta context prefix of QEMU's dirty bitmaps. */
+export const dirtyBitmapPrefix = "qemu:dirty-bitmap:";
+/** A new image file starts with its two superblock slots. */
+const imageFileBytesInitial = 8192;
+/** Candidate image file names tried for one new family (NAME.vdisk, NAME.2.vdisk, ...). */
+const imageFileCandidatesMax = 1000;
+
+/** One layer's space, as `vdisk info` and `vdisk tree` show it. */
+export interface LayerUsage {
+  /** The export name: DISK for a head, DISK@SNAP for a snapshot. */
+  name: string;
+  kind: "head" | "snapshot";
+  size: number;
+  created: string;
+  /** Bytes of data this layer's view maps (shared or not). */
+  mappedBytes: number;
+  /** Bytes only this layer references: what deleting it would free. */
+  exclusiveBytes: number;
+  indexBytes: number;
+  exclusiveIndexBytes: number;
+}
+
+/** The image behind a vdisk disk. */
+export interface ImageInfo {
+  file: string;
+  fileBytes: number;
+  dataBytes: number;
+  indexBytes: number;
+  freeBytes: number;
+  /** Disks (heads) in the image, this one included. */
+  disks: string[];
+  /** Snapshots of this disk. */
+  snapshots: number;
+  /** The disk's head, then its ancestors, nearest first. */
+  layers: LayerUsage[];
+}
+
 /** A disk as `vdisk info` and the API show it. Paths are relative to the home. */
 export interface DiskInfo {
   name: string;
@@ -45,16 +102,100 @@ export interface DiskInfo {
   created: string;
   readOnly: boolean;
   connections: number;
+  /** vdisk disks, in `info` only. */
+  image?: ImageInfo;
 }
 
-interface OpenDisk {
-  record: DiskRecord;
-  device: BlockDevice;
+export interface SnapshotInfo {
+  /** DISK@SNAP, also its NBD export name. */
+  name: string;
+  disk: string;
+  snapshot: string;
+  size: number;
+  created: string;
+  /** The export name of the layer it was taken on top of, or null. */
+  parent: string | null;
+  mappedBytes: number;
+  exclusiveBytes: number;
+  indexBytes: number;
+  connections: number;
+  /** Disks whose head descends from this snapshot. */
+  dependents: string[];
+}
+
+export interface TreeNode extends LayerUsage {
+  disk: string;
+  snapshot: string | null;
+  connections: number;
+  /** Whether this is the head of the disk the tree was asked for. */
+  current: boolean;
+  children: TreeNode[];
+}
+
+export interface DiskTree {
+  disk: string;
+  file: string;
+  fileBytes: number;
+  dataBytes: number;
+  indexBytes: number;
+  disks: string[];
+  snapshots: number;
+  roots: TreeNode[];
+}
+
+export interface CheckReport {
+  disk: string;
+  format: DiskFormat;
+  file: string;
+  ok: boolean;
+  problems: string[];
+  /** vdisk: every disk of the image was checked with it. */
+  disks: string[];
+  layers: number;
+  indexNodes: number;
+  dataBytes: number;
+}
+
+export interface DeleteResult {
+  deleted: string;
+  /** vdisk only: snapshots deleted with the disk, and those kept because other disks descend from them. */
+  snapshotsDeleted?: string[];
+  snapshotsKept?: Array<{ name: string; neededBy: string[] }>;
+  /** vdisk only: whether the image file went too (the last disk of its family). */
+  imageRemoved?: boolean;
+}
+
+/** Who uses a disk or a snapshot: NBD handles, job pins, and those waiting for the handles to go. */
+interface Users {
   handles: number;
   /** Job id → what the job does, for DISK_BUSY messages. */
   pins: Map<number, string>;
-  deleting: boolean;
   onIdle: (() => void)[];
+}
+
+interface OpenImage {
+  /** Relative to the home. */
+  file: string;
+  backing: BlockDevice;
+  image: Image;
+  /** Catalog disks (heads) of this image. */
+  disks: Set<string>;
+  /** Users of snapshots, by layer id; an entry lives while a snapshot is exported or pinned. */
+  snapshots: Map<number, Users>;
+}
+
+interface OpenDisk extends Users {
+  record: DiskRecord;
+  device: BlockDevice;
+  image: OpenImage | null;
+  deleting: boolean;
+}
+
+interface FoundSnapshot {
+  image: OpenImage;
+  layer: Layer;
+  /** DISK@SNAP */
+  name: string;
 }
 
 export interface RegistryOptions {
@@ -64,22 +205,34 @@ export interface RegistryOptions {
 
 const openFileDevice: DeviceOpener = (file, options) => FileDevice.open(file, options);
 
+function newUsers(): Users {
+  return { handles: 0, pins: new Map(), onIdle: [] };
+}
+
 export class DiskRegistry implements ExportProvider {
   private readonly disks = new Map<string, OpenDisk>();
+  /** Open vdisk images by relative file. */
+  private readonly images = new Map<string, OpenImage>();
   private mutations: Promise<unknown> = Promise.resolve();
   private disconnector: ExportDisconnector | null = null;
 
   private constructor(
     readonly home: string,
     private readonly openDevice: DeviceOpener,
+    private readonly log: (message: string) => void,
   ) {}
 
   /** Load the catalog of `home` and open every disk in it. */
   static async open(home: string, options: RegistryOptions = {}): Promise<DiskRegistry> {
-    const registry = new DiskRegistry(home, options.openDevice ?? openFileDevice);
+    const registry = new DiskRegistry(
+      home,
+      options.openDevice ?? openFileDevice,
+      options.log ?? (() => undefined),
+    );
     const catalog = loadCatalog(home);
     try {
-      for (const record of catalog.disks) await registry.openRecord(record, options.log);
+      for (const record of catalog.disks) await registry.openRecord(record);
+      for (const image of registry.images.values()) await registry.removeOrphanHeads(image);
     } catch (err) {
       await registry.closeAll();
       throw err;
@@ -87,21 +240,64 @@ export class DiskRegistry implements ExportProvider {
     return registry;
   }
 
-  private async openRecord(record: DiskRecord, log?: (message: string) => void): Promise<void> {
+  private async openRecord(record: DiskRecord): Promise<void> {
     const file = path.join(this.home, record.file);
     if (!fs.existsSync(file)) {
       throw new VdiskError("CORRUPT", `disk "${record.name}": its file ${record.file} is missing`, {
         hint: `restore ${file}, or remove the disk's entry from ${path.join(this.home, "catalog.json")}`,
       });
     }
-    const device = await this.openDevice(file, { readOnly: record.readOnly });
+    let device: BlockDevice;
+    let image: OpenImage | null = null;
+    if (record.format === "vdisk") {
+      image = await this.openImage(record.file);
+      const head = image.image.head(record.name);
+      if (!head) {
+        throw new VdiskError("CORRUPT", `disk "${record.name}": the image ${record.file} has no such disk`, {
+          hint: `restore ${file}, or remove the disk's entry from ${path.join(this.home, "catalog.json")}`,
+        });
+      }
+      image.disks.add(record.name);
+      device = new ImageVolume(image.image, head);
+    } else {
+      device = await this.openDevice(file, { readOnly: record.readOnly });
+    }
     if (device.size !== record.size) {
-      log?.(
+      this.log(
         `disk "${record.name}": catalog says ${record.size} bytes, file has ${device.size}; using the file's`,
       );
       record.size = device.size;
     }
-    this.disks.set(record.name, { record, device, handles: 0, pins: new Map(), deleting: false, onIdle: [] });
+    this.disks.set(record.name, { record, device, image, deleting: false, ...newUsers() });
+  }
+
+  private async openImage(file: string): Promise<OpenImage> {
+    const open = this.images.get(file);
+    if (open) return open;
+    const backing = await this.openDevice(path.join(this.home, file), { readOnly: false });
+    let image: Image;
+    try {
+      image = await Image.open(backing);
+    } catch (err) {
+      await closeAsync(backing).catch(() => undefined);
+      const error = fromSystemError(err, `cannot open the image ${file}`);
+      throw new VdiskError(error.code, `image ${file}: ${error.message}`, {
+        cause: err,
+        hint: error.hint ?? `restore ${file} from a backup`,
+      });
+    }
+    const opened: OpenImage = { file, backing, image, disks: new Set(), snapshots: new Map() };
+    this.images.set(file, opened);
+    return opened;
+  }
+
+  /** Heads no catalog entry names are left by a clone or delete cut short by a crash. */
+  private async removeOrphanHeads(image: OpenImage): Promise<void> {
+    for (const layer of [...image.image.layers.values()]) {
+      if (layer.kind !== "head" || image.disks.has(layer.name)) continue;
+      this.log(`image ${image.file}: removing disk ${layer.name}, which the catalog does not list`);
+      await image.image.deleteLayer(layer);
+    }
   }
 
   /** The NBD server, for delete --force. */
@@ -112,11 +308,31 @@ export class DiskRegistry implements ExportProvider {
   // ---- ExportProvider ----------------------------------------------------------------------------------
 
   list(): string[] {
-    return this.names();
+    const names = this.names();
+    for (const image of this.images.values()) {
+      for (const layer of image.image.layers.values()) {
+        if (layer.kind === "snapshot") names.push(snapshotName(layer.disk, layer.name));
+      }
+    }
+    return names;
   }
 
   lookup(name: string): ExportSummary | null {
-    const disk = this.live(name === "" ? defaultDiskName : name);
+    const exportName = name === "" ? defaultDiskName : name;
+    if (exportName.includes("@")) {
+      const found = this.findSnapshot(exportName);
+      if (!found) return null;
+      const volume = new ImageVolume(found.image.image, found.layer);
+      return {
+        name: found.name,
+        description: describeSnapshot(found),
+        size: volume.size,
+        readOnly: true,
+        capabilities: volume.capabilities,
+        metaContexts: dirtyBitmaps(found.image.image, found.layer, found.layer.disk),
+      };
+    }
+    const disk = this.live(exportName);
     if (!disk) return null;
     return {
       name: disk.record.name,
@@ -124,31 +340,62 @@ export class DiskRegistry implements ExportProvider {
       size: disk.device.size,
       readOnly: readOnly(disk),
       capabilities: disk.device.capabilities,
+      ...(disk.image && disk.device instanceof ImageVolume
+        ? { metaContexts: dirtyBitmaps(disk.image.image, disk.device.layer, disk.record.name) }
+        : {}),
     };
   }
 
   open(name: string): ExportHandle | null {
-    const disk = this.live(name === "" ? defaultDiskName : name);
+    const exportName = name === "" ? defaultDiskName : name;
+    if (exportName.includes("@")) return this.openSnapshot(exportName);
+    const disk = this.live(exportName);
     if (!disk) return null;
     disk.handles += 1;
     let released = false;
+    const device = disk.device;
+    const image = disk.image;
     return {
       name: disk.record.name,
       description: describe(disk),
-      device: disk.device,
+      device,
       readOnly: readOnly(disk),
+      ...(image && device instanceof ImageVolume
+        ? {
+            contextStatus: (context: string, offset: number, length: number, done: ExtentsDone) =>
+              contextStatus(image.image, device, disk.record.name, context, offset, length, done),
+          }
+        : {}),
       release: () => {
         if (released) return;
         released = true;
-        this.releaseHandle(disk);
+        releaseHandle(disk);
       },
     };
   }
 
-  private releaseHandle(disk: OpenDisk): void {
-    disk.handles -= 1;
-    if (disk.handles > 0) return;
-    for (const resolve of disk.onIdle.splice(0)) resolve();
+  private openSnapshot(exportName: string): ExportHandle | null {
+    const found = this.findSnapshot(exportName);
+    if (!found) return null;
+    const users = this.snapshotUsers(found, true);
+    users.handles += 1;
+    const volume = new ImageVolume(found.image.image, found.layer);
+    let released = false;
+    return {
+      name: found.name,
+      description: describeSnapshot(found),
+      device: volume,
+      readOnly: true,
+      contextStatus: (context, offset, length, done) =>
+        contextStatus(found.image.image, volume, found.layer.disk, context, offset, length, done),
+      release: () => {
+        if (released) return;
+        released = true;
+        volume.close(() => undefined);
+        releaseHandle(users);
+        this.dropIdle(found.image, found.layer.id);
+      },
+    };
   }
 
   // ---- Queries -----------------------------------------------------------------------------------------
@@ -161,25 +408,120 @@ export class DiskRegistry implements ExportProvider {
     return this.names().length;
   }
 
-  /** Open connections over all disks. */
+  /** Open connections over all disks and snapshots. */
   connections(): number {
     let total = 0;
     for (const disk of this.disks.values()) total += disk.handles;
+    for (const image of this.images.values()) {
+      for (const users of image.snapshots.values()) total += users.handles;
+    }
     return total;
   }
 
-  /** The device of a disk (for jobs); UNKNOWN_DISK if there is none. */
+  /** The device of a disk or of a snapshot DISK@SNAP (for jobs); UNKNOWN_DISK/UNKNOWN_SNAPSHOT if none. */
   device(name: string): BlockDevice {
+    if (name.includes("@")) {
+      const found = this.requireSnapshotByName(name);
+      return new ImageVolume(found.image.image, found.layer);
+    }
     return this.get(name).device;
   }
 
   async info(name: string): Promise<DiskInfo> {
-    return infoOf(this.get(name));
+    return infoOf(this.get(name), true);
   }
 
   async listInfo(): Promise<DiskInfo[]> {
     const disks = [...this.disks.values()].filter((disk) => !disk.deleting);
-    return Promise.all(disks.map(infoOf));
+    return Promise.all(disks.map((disk) => infoOf(disk, false)));
+  }
+
+  /** The snapshots taken of `disk`, oldest first. */
+  snapshots(disk: string): { disk: string; snapshots: SnapshotInfo[] } {
+    const open = this.requireVdisk(this.get(disk), "have snapshots");
+    const image = open.image.image;
+    const snapshots = [...image.layers.values()]
+      .filter((layer) => layer.kind === "snapshot" && layer.disk === disk)
+      .sort((a, b) => a.id - b.id)
+      .map((layer) => this.snapshotInfo(open.image, layer));
+    return { disk, snapshots };
+  }
+
+  /** The whole layer tree of the image that holds `disk`. */
+  tree(disk: string): DiskTree {
+    const open = this.requireVdisk(this.get(disk), "have a snapshot tree");
+    const image = open.image.image;
+    const node = (layer: Layer): TreeNode => ({
+      ...layerUsage(image, layer),
+      disk: layer.disk,
+      snapshot: layer.kind === "snapshot" ? layer.name : null,
+      connections: this.layerConnections(open.image, layer),
+      current: layer.kind === "head" && layer.name === disk,
+      children: image
+        .children(layer.id)
+        .sort((a, b) => a.id - b.id)
+        .map(node),
+    });
+    const roots = [...image.layers.values()]
+      .filter((layer) => layer.parent === null)
+      .sort((a, b) => a.id - b.id)
+      .map(node);
+    const stats = image.stats();
+    return {
+      disk,
+      file: open.image.file,
+      fileBytes: stats.fileBytes,
+      dataBytes: stats.dataBytes,
+      indexBytes: stats.indexBytes,
+      disks: [...open.image.disks].sort(),
+      snapshots: [...image.layers.values()].filter((layer) => layer.kind === "snapshot").length,
+      roots,
+    };
+  }
+
+  /** Verify a disk: a vdisk image's every superblock, layer table and index node; a raw file's size. */
+  async check(name: string): Promise<CheckReport> {
+    const disk = this.get(name);
+    if (disk.image) {
+      const result = await disk.image.image.verify();
+      return {
+        disk: name,
+        format: "vdisk",
+        file: disk.record.file,
+        ok: result.problems.length === 0,
+        problems: result.problems,
+        disks: [...disk.image.disks].sort(),
+        layers: result.layers,
+        indexNodes: result.nodes,
+        dataBytes: result.dataBytes,
+      };
+    }
+    const problems: string[] = [];
+    const file = path.join(this.home, disk.record.file);
+    try {
+      const stat = await fs.promises.stat(file);
+      if (!stat.isFile()) problems.push(`${disk.record.file} is not a regular file`);
+      else if (stat.size !== disk.device.size) {
+        problems.push(`${disk.record.file} is ${stat.size} bytes long, the disk is ${disk.device.size}`);
+      }
+    } catch (err) {
+      problems.push(`${disk.record.file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+    }
+    if (disk.record.size !== disk.device.size) {
+      problems.push(`the catalog says ${disk.record.size} bytes, the device has ${disk.device.size}`);
+    }
+    const usage = await usageAsync(disk.device);
+    return {
+      disk: name,
+      format: "raw",
+      file: disk.record.file,
+      ok: problems.length === 0,
+      problems,
+      disks: [name],
+      layers: 1,
+      indexNodes: 0,
+      dataBytes: usage.allocatedBytes,
+    };
   }
 
   private live(name: string): OpenDisk | null {
@@ -197,28 +539,122 @@ export class DiskRegistry implements ExportProvider {
     return disk;
   }
 
+  private requireVdisk(disk: OpenDisk, what: string): OpenDisk & { image: OpenImage } {
+    if (!disk.image) {
+      const name = disk.record.name;
+      throw new VdiskError("WRONG_FORMAT", `disk ${name} is a raw disk; only vdisk disks ${what}`, {
+        hint: `copy it into a vdisk disk first: vdisk export ${name} ${name}.img && vdisk import ${name}.img ${name}-v`,
+      });
+    }
+    return disk as OpenDisk & { image: OpenImage };
+  }
+
+  /**
+   * A snapshot DISK@SNAP: of the live disk DISK, or else a snapshot kept after DISK was deleted (because
+   * other disks descend from it).
+   */
+  private findSnapshot(exportName: string): FoundSnapshot | null {
+    const at = exportName.indexOf("@");
+    const diskName = exportName.slice(0, at);
+    const snap = exportName.slice(at + 1);
+    const disk = this.live(diskName);
+    const candidates = disk ? (disk.image ? [disk.image] : []) : [...this.images.values()];
+    for (const image of candidates) {
+      const layer = image.image.snapshot(diskName, snap);
+      if (layer) return { image, layer, name: snapshotName(diskName, snap) };
+    }
+    return null;
+  }
+
+  private requireSnapshot(diskName: string, snap: string): FoundSnapshot {
+    validateDiskName(snap, "snapshot");
+    const disk = this.live(diskName);
+    if (disk) this.requireVdisk(disk, "have snapshots");
+    const found = this.findSnapshot(snapshotName(diskName, snap));
+    if (found) return found;
+    if (!disk) this.get(diskName); // throws UNKNOWN_DISK
+    throw new VdiskError("UNKNOWN_SNAPSHOT", `disk ${diskName} has no snapshot named ${snap}`, {
+      hint: `vdisk snapshot list ${diskName} shows its snapshots; to take one: vdisk snapshot create ${diskName} ${snap}`,
+    });
+  }
+
+  private requireSnapshotByName(name: string): FoundSnapshot {
+    const at = name.indexOf("@");
+    return this.requireSnapshot(validateDiskName(name.slice(0, at)), name.slice(at + 1));
+  }
+
+  private snapshotUsers(found: { image: OpenImage; layer: Layer }, create: boolean): Users {
+    let users = found.image.snapshots.get(found.layer.id);
+    if (!users) {
+      users = newUsers();
+      if (create) found.image.snapshots.set(found.layer.id, users);
+    }
+    return users;
+  }
+
+  private dropIdle(image: OpenImage, layerId: number): void {
+    const users = image.snapshots.get(layerId);
+    if (users && users.handles === 0 && users.pins.size === 0 && users.onIdle.length === 0) {
+      image.snapshots.delete(layerId);
+    }
+  }
+
+  private layerConnections(image: OpenImage, layer: Layer): number {
+    if (layer.kind === "head") return this.disks.get(layer.name)?.handles ?? 0;
+    return image.snapshots.get(layer.id)?.handles ?? 0;
+  }
+
+  private snapshotInfo(image: OpenImage, layer: Layer): SnapshotInfo {
+    const usage = layerUsage(image.image, layer);
+    const parent = layer.parent === null ? null : image.image.layers.get(layer.parent);
+    const dependents = [...image.image.layers.values()]
+      .filter((other) => other.kind === "head" && image.image.ancestors(other).includes(layer))
+      .map((head) => head.name)
+      .sort();
+    return {
+      name: usage.name,
+      disk: layer.disk,
+      snapshot: layer.name,
+      size: usage.size,
+      created: usage.created,
+      parent: parent ? layerName(parent) : null,
+      mappedBytes: usage.mappedBytes,
+      exclusiveBytes: usage.exclusiveBytes,
+      indexBytes: usage.indexBytes,
+      connections: this.layerConnections(image, layer),
+      dependents,
+    };
+  }
+
   // ---- Pins (jobs) ---------------------------------------------------------------------------------------
 
-  /** Keep a disk from being deleted or resized while job `jobId` works on it. */
+  /** Keep a disk or snapshot (DISK@SNAP) from being deleted, resized or rolled back while a job uses it. */
   pin(name: string, jobId: number, what: string): void {
+    if (name.includes("@")) {
+      this.snapshotUsers(this.requireSnapshotByName(name), true).pins.set(jobId, what);
+      return;
+    }
     this.get(name).pins.set(jobId, what);
   }
 
   unpin(name: string, jobId: number): void {
+    if (name.includes("@")) {
+      const found = this.findSnapshot(name);
+      if (!found) return;
+      found.image.snapshots.get(found.layer.id)?.pins.delete(jobId);
+      this.dropIdle(found.image, found.layer.id);
+      return;
+    }
     this.disks.get(name)?.pins.delete(jobId);
   }
 
-  private refusePinned(disk: OpenDisk, action: string): void {
-    const first = disk.pins.entries().next();
+  private refusePinned(users: Users, name: string, action: string): void {
+    const first = users.pins.entries().next();
     if (first.done) return;
     const [jobId, what] = first.value;
-    throw new VdiskError(
-      "DISK_BUSY",
-      `cannot ${action} disk ${disk.record.name}: job ${jobId} (${what}) uses it`,
-      {
-        hint: `wait for the job to finish (vdisk status, or GET /v1/jobs/${jobId})`,
-      },
-    );
+    throw new VdiskError("DISK_BUSY", `cannot ${action} ${name}: job ${jobId} (${what}) uses it`, {
+      hint: `wait for the job to finish (vdisk status, or GET /v1/jobs/${jobId})`,
+    });
   }
 
   // ---- Mutations -----------------------------------------------------------------------------------------
@@ -229,42 +665,46 @@ export class DiskRegistry implements ExportProvider {
     return result;
   }
 
-  /** Create a thin raw disk. With `pinFor`, the new disk is pinned for that job before anyone can delete it. */
-  async create(name: string, size: number, pinFor?: { jobId: number; what: string }): Promise<DiskInfo> {
+  /**
+   * Create a thin disk, vdisk by default. With `pinFor`, the new disk is pinned for that job before anyone
+   * can delete it.
+   */
+  async create(
+    name: string,
+    size: number,
+    options: { format?: DiskFormat; pinFor?: { jobId: number; what: string } } = {},
+  ): Promise<DiskInfo> {
     validateDiskName(name);
     checkDiskSize(size);
+    const format = options.format ?? "vdisk";
     return this.exclusive(async () => {
-      const disk = await this.createDisk(name, size);
-      if (pinFor) disk.pins.set(pinFor.jobId, pinFor.what);
-      return infoOf(disk);
+      const disk = format === "vdisk" ? await this.createVdisk(name, size) : await this.createRaw(name, size);
+      if (options.pinFor) disk.pins.set(options.pinFor.jobId, options.pinFor.what);
+      return infoOf(disk, false);
     });
   }
 
-  private async createDisk(name: string, size: number): Promise<OpenDisk> {
+  private refuseExisting(name: string): void {
     if (this.disks.has(name)) {
       throw new VdiskError("DISK_EXISTS", `a disk named ${name} already exists`, {
         hint: "choose another name, or delete the old disk first (vdisk delete NAME)",
       });
     }
+  }
+
+  private orphanFile(relative: string): VdiskError {
+    return new VdiskError("DISK_EXISTS", `the file ${relative} exists but belongs to no disk`, {
+      hint: `move ${path.join(this.home, relative)} away (it may hold a disk deleted during a crash), then create the disk again`,
+    });
+  }
+
+  private async createRaw(name: string, size: number): Promise<OpenDisk> {
+    this.refuseExisting(name);
     const relative = path.posix.join("pools", defaultPoolName, `${name}.raw`);
     const file = path.join(this.home, relative);
-    if (fs.existsSync(file)) {
-      throw new VdiskError("DISK_EXISTS", `the file ${relative} exists but belongs to no disk`, {
-        hint: `move ${file} away (it may hold a disk deleted during a crash), then create the disk again`,
-      });
-    }
+    if (fs.existsSync(file)) throw this.orphanFile(relative);
     const device = await this.openDevice(file, { readOnly: false, create: size });
-    const record: DiskRecord = {
-      name,
-      size: device.size,
-      format: "raw",
-      pool: defaultPoolName,
-      file: relative,
-      created: new Date().toISOString(),
-      readOnly: false,
-    };
-    const disk: OpenDisk = { record, device, handles: 0, pins: new Map(), deleting: false, onIdle: [] };
-    this.disks.set(name, disk);
+    const disk = this.addDisk(newRecord(name, device.size, "raw", relative), device, null);
     try {
       this.save();
     } catch (err) {
@@ -276,19 +716,95 @@ export class DiskRegistry implements ExportProvider {
     return disk;
   }
 
-  /** Delete a disk and its file. Connected clients: DISK_BUSY, unless `force` disconnects them. */
-  delete(name: string, force = false): Promise<void> {
+  /** A new image file for a new family: NAME.vdisk, or NAME.2.vdisk, ... when an older family has it. */
+  private newImageFile(name: string): string {
+    const used = new Set([...this.disks.values()].map((disk) => disk.record.file));
+    for (let n = 1; n <= imageFileCandidatesMax; n++) {
+      const relative = path.posix.join(
+        "pools",
+        defaultPoolName,
+        n === 1 ? `${name}.vdisk` : `${name}.${n}.vdisk`,
+      );
+      if (used.has(relative)) continue;
+      if (fs.existsSync(path.join(this.home, relative))) throw this.orphanFile(relative);
+      return relative;
+    }
+    throw new VdiskError("LIMIT", `too many image files named after ${name}`, {
+      hint: "choose another name",
+    });
+  }
+
+  private async createVdisk(name: string, size: number): Promise<OpenDisk> {
+    this.refuseExisting(name);
+    const relative = this.newImageFile(name);
+    const file = path.join(this.home, relative);
+    const backing = await this.openDevice(file, { readOnly: false, create: imageFileBytesInitial });
+    let image: Image;
+    try {
+      image = await Image.create(backing, { name, sizeBytes: size });
+    } catch (err) {
+      await closeAsync(backing).catch(() => undefined);
+      fs.rmSync(file, { force: true });
+      throw fromSystemError(err, `cannot create the image ${relative}`);
+    }
+    const open: OpenImage = { file: relative, backing, image, disks: new Set([name]), snapshots: new Map() };
+    const head = image.head(name);
+    assert(head, "a new image has its head");
+    this.images.set(relative, open);
+    const volume = new ImageVolume(image, head);
+    const disk = this.addDisk(newRecord(name, volume.size, "vdisk", relative), volume, open);
+    try {
+      this.save();
+    } catch (err) {
+      this.disks.delete(name);
+      this.images.delete(relative);
+      await closeImage(open).catch(() => undefined);
+      fs.rmSync(file, { force: true });
+      throw err;
+    }
+    return disk;
+  }
+
+  private addDisk(record: DiskRecord, device: BlockDevice, image: OpenImage | null): OpenDisk {
+    const disk: OpenDisk = { record, device, image, deleting: false, ...newUsers() };
+    this.disks.set(record.name, disk);
+    return disk;
+  }
+
+  /**
+   * Delete a disk. Connected clients: DISK_BUSY, unless `force` disconnects them. A vdisk disk takes with
+   * it its snapshots that no other disk descends from (and snapshots of disks deleted earlier that nothing
+   * needs any more); the last disk of an image takes the image file.
+   */
+  delete(name: string, force = false): Promise<DeleteResult> {
     return this.exclusive(async () => {
       const disk = this.get(name);
-      this.refusePinned(disk, "delete");
+      this.refusePinned(disk, `disk ${name}`, "delete");
       if (disk.handles > 0 && !force) {
         throw new VdiskError("DISK_BUSY", `disk ${name} has ${disk.handles} client connection(s)`, {
           hint: `disconnect its clients first, or disconnect them and delete with: vdisk delete ${name} --force`,
         });
       }
+      const plan = disk.image ? this.deletePlan(disk.image, name) : null;
+      for (const found of plan?.doomed ?? []) {
+        const users = this.snapshotUsers(found, false);
+        this.refusePinned(users, found.name, "delete");
+        if (users.handles > 0 && !force) {
+          throw new VdiskError(
+            "DISK_BUSY",
+            `snapshot ${found.name}, which goes with disk ${name}, is exported to ${users.handles} client(s)`,
+            {
+              hint: `disconnect them first, or disconnect them and delete with: vdisk delete ${name} --force`,
+            },
+          );
+        }
+      }
       disk.deleting = true;
       try {
-        await this.disconnectAll(disk);
+        await this.disconnectAll(disk, name);
+        for (const found of plan?.doomed ?? []) {
+          await this.disconnectAll(this.snapshotUsers(found, false), found.name);
+        }
         this.save();
       } catch (err) {
         disk.deleting = false;
@@ -296,15 +812,71 @@ export class DiskRegistry implements ExportProvider {
       }
       this.disks.delete(name);
       await closeAsync(disk.device).catch(() => undefined);
-      fs.rmSync(path.join(this.home, disk.record.file), { force: true });
+      if (!disk.image || !plan) {
+        fs.rmSync(path.join(this.home, disk.record.file), { force: true });
+        return { deleted: name };
+      }
+      const open = disk.image;
+      open.disks.delete(name);
+      if (open.disks.size === 0) {
+        this.images.delete(open.file);
+        await closeImage(open).catch((err: unknown) => this.log(`closing ${open.file}: ${String(err)}`));
+        fs.rmSync(path.join(this.home, open.file), { force: true });
+      } else {
+        const head = open.image.head(name);
+        if (head) await open.image.deleteLayer(head);
+        for (const found of plan.doomed) {
+          await open.image.deleteLayer(found.layer);
+          open.snapshots.delete(found.layer.id);
+        }
+      }
+      return {
+        deleted: name,
+        snapshotsDeleted: plan.doomed.map((found) => found.name),
+        snapshotsKept: plan.kept,
+        imageRemoved: open.disks.size === 0,
+      };
     });
   }
 
-  private async disconnectAll(disk: OpenDisk): Promise<void> {
-    if (disk.handles === 0) return;
+  /**
+   * What goes with disk `name`: its snapshots and those of already deleted disks, except the ones another
+   * disk's head descends from (they are kept, with the disks that need them).
+   */
+  private deletePlan(
+    open: OpenImage,
+    name: string,
+  ): { doomed: FoundSnapshot[]; kept: Array<{ name: string; neededBy: string[] }> } {
+    const image = open.image;
+    const neededBy = new Map<Layer, string[]>();
+    for (const layer of image.layers.values()) {
+      if (layer.kind !== "head" || layer.name === name) continue;
+      for (const ancestor of image.ancestors(layer)) {
+        neededBy.set(ancestor, [...(neededBy.get(ancestor) ?? []), layer.name]);
+      }
+    }
+    const doomed: FoundSnapshot[] = [];
+    const kept: Array<{ name: string; neededBy: string[] }> = [];
+    for (const layer of [...image.layers.values()].sort((a, b) => a.id - b.id)) {
+      if (layer.kind !== "snapshot") continue;
+      const ownerGone = layer.disk === name || !open.disks.has(layer.disk);
+      if (!ownerGone) continue;
+      const needers = neededBy.get(layer);
+      const full = snapshotName(layer.disk, layer.name);
+      if (needers) {
+        if (layer.disk === name) kept.push({ name: full, neededBy: needers.sort() });
+      } else {
+        doomed.push({ image: open, layer, name: full });
+      }
+    }
+    return { doomed, kept };
+  }
+
+  private async disconnectAll(users: Users, exportName: string): Promise<void> {
+    if (users.handles === 0) return;
     // Wait first: the server may release the handles synchronously inside disconnectExport.
-    const idle = new Promise<void>((resolve) => disk.onIdle.push(resolve));
-    this.disconnector?.disconnectExport(disk.record.name);
+    const idle = new Promise<void>((resolve) => users.onIdle.push(resolve));
+    this.disconnector?.disconnectExport(exportName);
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<"timeout">(
       (resolve) => (timer = setTimeout(() => resolve("timeout"), drainTimeoutMs)),
@@ -312,13 +884,9 @@ export class DiskRegistry implements ExportProvider {
     const outcome = await Promise.race([idle, timeout]);
     clearTimeout(timer);
     if (outcome === "timeout") {
-      throw new VdiskError(
-        "DISK_BUSY",
-        `the clients of disk ${disk.record.name} did not disconnect in time`,
-        {
-          hint: "try again; if it persists, stop the clients (or the daemon) first",
-        },
-      );
+      throw new VdiskError("DISK_BUSY", `the clients of ${exportName} did not disconnect in time`, {
+        hint: "try again; if it persists, stop the clients (or the daemon) first",
+      });
     }
   }
 
@@ -327,7 +895,7 @@ export class DiskRegistry implements ExportProvider {
     checkDiskSize(size);
     return this.exclusive(async () => {
       const disk = this.get(name);
-      this.refusePinned(disk, "resize");
+      this.refusePinned(disk, `disk ${name}`, "resize");
       if (readOnly(disk)) {
         throw new VdiskError("READ_ONLY", `disk ${name} is read-only`, {
           hint: "read-only disks cannot be resized",
@@ -348,7 +916,114 @@ export class DiskRegistry implements ExportProvider {
         disk.record.size = disk.device.size;
         this.save();
       }
-      return infoOf(disk);
+      return infoOf(disk, false);
+    });
+  }
+
+  // ---- Snapshots, clones, rollback -------------------------------------------------------------------------
+
+  /** Freeze disk `name` as snapshot `snap` (O(1), while clients keep writing). */
+  async snapshotCreate(name: string, snap: string): Promise<SnapshotInfo> {
+    validateDiskName(snap, "snapshot");
+    return this.exclusive(async () => {
+      const disk = this.requireVdisk(this.get(name), "have snapshots");
+      const image = disk.image.image;
+      if (image.snapshot(name, snap)) {
+        throw new VdiskError("SNAPSHOT_EXISTS", `disk ${name} already has a snapshot named ${snap}`, {
+          hint: `choose another name, or delete the old one first: vdisk snapshot delete ${name} ${snap}`,
+        });
+      }
+      const layer = await image.createSnapshot(name, snap);
+      return this.snapshotInfo(disk.image, layer);
+    });
+  }
+
+  /** Delete snapshot DISK@SNAP; refused while it is exported to a client unless `force` disconnects them. */
+  snapshotDelete(
+    name: string,
+    snap: string,
+    force = false,
+  ): Promise<{ deleted: string; freedBytes: number }> {
+    return this.exclusive(async () => {
+      const found = this.requireSnapshot(name, snap);
+      const users = this.snapshotUsers(found, false);
+      this.refusePinned(users, `snapshot ${found.name}`, "delete");
+      if (users.handles > 0 && !force) {
+        throw new VdiskError(
+          "DISK_BUSY",
+          `snapshot ${found.name} is exported to ${users.handles} client connection(s)`,
+          {
+            hint: `disconnect them first, or disconnect them and delete with: vdisk snapshot delete ${name} ${snap} --force`,
+          },
+        );
+      }
+      await this.disconnectAll(users, found.name);
+      const freedBytes = found.image.image.layerStats(found.layer).exclusiveBytes;
+      await found.image.image.deleteLayer(found.layer);
+      found.image.snapshots.delete(found.layer.id);
+      return { deleted: found.name, freedBytes };
+    });
+  }
+
+  /** A new disk `target` whose head starts on snapshot DISK@SNAP (in the same image file). */
+  async clone(name: string, snap: string, target: string): Promise<DiskInfo> {
+    validateDiskName(target);
+    return this.exclusive(async () => {
+      const found = this.requireSnapshot(name, snap);
+      this.refuseExisting(target);
+      const image = found.image.image;
+      if ([...image.layers.values()].some((layer) => layer.disk === target)) {
+        throw new VdiskError(
+          "DISK_EXISTS",
+          `the image of ${found.name} still holds snapshots of an earlier disk named ${target}`,
+          { hint: `choose another name (vdisk tree ${name} shows the names in use)` },
+        );
+      }
+      const head = await image.clone(found.layer, target);
+      const volume = new ImageVolume(image, head);
+      const disk = this.addDisk(
+        newRecord(target, volume.size, "vdisk", found.image.file),
+        volume,
+        found.image,
+      );
+      found.image.disks.add(target);
+      try {
+        this.save();
+      } catch (err) {
+        this.disks.delete(target);
+        found.image.disks.delete(target);
+        await image.deleteLayer(head).catch(() => undefined);
+        throw err;
+      }
+      return infoOf(disk, false);
+    });
+  }
+
+  /**
+   * Throw away disk DISK's changes and restart it on snapshot DISK@SNAP. Refused while the disk has clients
+   * (a rollback under a live VM corrupts it) unless `force`, which disconnects them first.
+   */
+  rollback(name: string, snap: string, force = false): Promise<DiskInfo> {
+    return this.exclusive(async () => {
+      const disk = this.requireVdisk(this.get(name), "can be rolled back");
+      this.refusePinned(disk, `disk ${name}`, "roll back");
+      const found = this.requireSnapshot(name, snap);
+      if (disk.handles > 0 && !force) {
+        throw new VdiskError(
+          "DISK_BUSY",
+          `disk ${name} has ${disk.handles} client connection(s); rolling back under them would corrupt what they see`,
+          {
+            hint: `stop its clients (shut the VM down) first, or disconnect them and roll back with: vdisk rollback ${found.name} --force`,
+          },
+        );
+      }
+      await this.disconnectAll(disk, name);
+      await disk.image.image.rollback(name, found.layer);
+      if (disk.record.size !== disk.device.size) {
+        disk.record.size = disk.device.size;
+        this.save();
+      }
+      return infoOf(disk, false);
     });
   }
 
@@ -363,16 +1038,110 @@ export class DiskRegistry implements ExportProvider {
   /** Flush and close every device (daemon shutdown). Errors are reported, not thrown, so all get closed. */
   async closeAll(log?: (message: string) => void): Promise<void> {
     await this.mutations;
+    const report = log ?? this.log;
     for (const disk of this.disks.values()) {
       try {
         await flushAsync(disk.device);
         await closeAsync(disk.device);
       } catch (err) {
-        log?.(`disk ${disk.record.name}: ${fromSystemError(err, "close failed").message}`);
+        report(`disk ${disk.record.name}: ${fromSystemError(err, "close failed").message}`);
       }
     }
     this.disks.clear();
+    for (const image of this.images.values()) {
+      try {
+        await closeImage(image);
+      } catch (err) {
+        report(`image ${image.file}: ${fromSystemError(err, "close failed").message}`);
+      }
+    }
+    this.images.clear();
   }
+}
+
+function releaseHandle(users: Users): void {
+  users.handles -= 1;
+  if (users.handles > 0) return;
+  for (const resolve of users.onIdle.splice(0)) resolve();
+}
+
+async function closeImage(open: OpenImage): Promise<void> {
+  try {
+    await open.image.close();
+  } finally {
+    await flushAsync(open.backing).catch(() => undefined);
+    await closeAsync(open.backing);
+  }
+}
+
+function newRecord(name: string, size: number, format: DiskFormat, file: string): DiskRecord {
+  return {
+    name,
+    size,
+    format,
+    pool: defaultPoolName,
+    file,
+    created: new Date().toISOString(),
+    readOnly: false,
+  };
+}
+
+/** DISK for a head, DISK@SNAP for a snapshot. */
+function layerName(layer: Layer): string {
+  return layer.kind === "head" ? layer.name : snapshotName(layer.disk, layer.name);
+}
+
+/** The name of `layer`'s dirty bitmap as seen from an export of disk `disk`. */
+function bitmapName(layer: Layer, disk: string): string {
+  return layer.disk === disk ? layer.name : snapshotName(layer.disk, layer.name);
+}
+
+/** qemu:dirty-bitmap:SNAP for every snapshot in the ancestry of `layer`, nearest first. */
+function dirtyBitmaps(image: Image, layer: Layer, disk: string): string[] {
+  return image
+    .ancestors(layer)
+    .filter((ancestor) => ancestor.kind === "snapshot")
+    .map((ancestor) => dirtyBitmapPrefix + bitmapName(ancestor, disk));
+}
+
+/** Block status of a dirty bitmap: flag 1 = written since that snapshot. Resolved at each request. */
+function contextStatus(
+  image: Image,
+  volume: ImageVolume,
+  disk: string,
+  context: string,
+  offset: number,
+  length: number,
+  done: ExtentsDone,
+): void {
+  const reference = context.startsWith(dirtyBitmapPrefix) ? context.slice(dirtyBitmapPrefix.length) : null;
+  const snapshot =
+    reference === null
+      ? undefined
+      : image.ancestors(volume.layer).find((layer) => bitmapName(layer, disk) === reference);
+  if (!snapshot) {
+    const error = new VdiskError(
+      "INVALID_ARGUMENT",
+      `meta context ${context}: no such snapshot in the ancestry of ${layerName(volume.layer)} any more`,
+    );
+    process.nextTick(done, error);
+    return;
+  }
+  volume.changedSince(snapshot, offset, length, done);
+}
+
+function layerUsage(image: Image, layer: Layer): LayerUsage {
+  const stats = image.layerStats(layer);
+  return {
+    name: layerName(layer),
+    kind: layer.kind,
+    size: layer.sizeBytes,
+    created: new Date(layer.createdMs).toISOString(),
+    mappedBytes: stats.mappedBytes,
+    exclusiveBytes: stats.exclusiveBytes,
+    indexBytes: stats.indexBytes,
+    exclusiveIndexBytes: stats.exclusiveIndexBytes,
+  };
 }
 
 function readOnly(disk: OpenDisk): boolean {
@@ -381,12 +1150,17 @@ function readOnly(disk: OpenDisk): boolean {
 
 function describe(disk: OpenDisk): string {
   const mode = readOnly(disk) ? ", read-only" : "";
-  return `vdisk ${disk.record.format} disk ${disk.record.name}, ${formatSize(disk.device.size)}${mode}`;
+  const kind = disk.record.format === "vdisk" ? "vdisk disk" : `vdisk ${disk.record.format} disk`;
+  return `${kind} ${disk.record.name}, ${formatSize(disk.device.size)}${mode}`;
 }
 
-async function infoOf(disk: OpenDisk): Promise<DiskInfo> {
+function describeSnapshot(found: FoundSnapshot): string {
+  return `vdisk snapshot ${found.name}, ${formatSize(found.layer.sizeBytes)}, read-only`;
+}
+
+async function infoOf(disk: OpenDisk, detailed: boolean): Promise<DiskInfo> {
   const usage = await usageAsync(disk.device);
-  return {
+  const info: DiskInfo = {
     name: disk.record.name,
     size: disk.device.size,
     allocatedBytes: usage.allocatedBytes,
@@ -397,4 +1171,22 @@ async function infoOf(disk: OpenDisk): Promise<DiskInfo> {
     readOnly: readOnly(disk),
     connections: disk.handles,
   };
+  if (detailed && disk.image && disk.device instanceof ImageVolume) {
+    const image = disk.image.image;
+    const head = disk.device.layer;
+    const stats = image.stats();
+    info.image = {
+      file: disk.image.file,
+      fileBytes: stats.fileBytes,
+      dataBytes: stats.dataBytes,
+      indexBytes: stats.indexBytes,
+      freeBytes: stats.freeBytes,
+      disks: [...disk.image.disks].sort(),
+      snapshots: [...image.layers.values()].filter(
+        (layer) => layer.kind === "snapshot" && layer.disk === disk.record.name,
+      ).length,
+      layers: [head, ...image.ancestors(head)].map((layer) => layerUsage(image, layer)),
+    };
+  }
+  return info;
 }

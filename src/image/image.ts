@@ -475,7 +475,12 @@ export class Image {
   async clone(snapshot: Layer, disk: string): Promise<Layer> {
     return this.structural(async () => {
       assert(snapshot.kind === "snapshot", "clone of a snapshot");
-      if (this.head(disk)) throw new VdiskError("DISK_EXISTS", `the image already has a disk named ${disk}`);
+      const taken = [...this.layers.values()].some((layer) => layer.disk === disk);
+      if (taken) {
+        throw new VdiskError("DISK_EXISTS", `the image already has a disk or snapshots named ${disk}`, {
+          hint: "choose another name for the clone",
+        });
+      }
       const head = this.addLayer(
         disk,
         "head",
@@ -1358,13 +1363,21 @@ export class Image {
    */
   async verify(): Promise<{ problems: string[]; nodes: number; layers: number; dataBytes: number }> {
     const problems = this.checkConsistency();
-    if (!this.readOnly) await this.commit();
+    if (!this.readOnly) {
+      // Force a superblock write, so both slots are valid afterwards (one may be torn by a crash).
+      this.layersDirty = true;
+      await this.commit();
+    }
     const fileBlocks = Math.floor(this.backing.size / BLOCK_BYTES);
     const slots = Buffer.alloc(FIRST_ALLOCATABLE_BLOCK * BLOCK_BYTES);
     await readAsync(this.backing, slots, 0);
     const valid = [0, 1].map((slot) => {
       try {
-        return decodeSuperblock(slots.subarray(slot * BLOCK_BYTES, (slot + 1) * BLOCK_BYTES));
+        const sb = decodeSuperblock(slots.subarray(slot * BLOCK_BYTES, (slot + 1) * BLOCK_BYTES));
+        if (sb === null && !this.readOnly && this.sequence >= 2) {
+          problems.push(`superblock slot ${slot} is not a valid superblock (damaged or torn)`);
+        }
+        return sb;
       } catch (err) {
         problems.push(`superblock slot ${slot}: ${(err as Error).message}`);
         return null;

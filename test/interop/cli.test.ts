@@ -161,8 +161,8 @@ test("the first start made a thin 8 GiB disk named default", () => {
   assert.equal(disks.length, 1);
   assert.equal(disks[0].name, "default");
   assert.equal(disks[0].size, 8 * 1024 * MiB);
-  assert.equal(disks[0].format, "raw");
-  assert.equal(disks[0].file, "pools/default/default.raw", "paths are relative to the home");
+  assert.equal(disks[0].format, "vdisk");
+  assert.equal(disks[0].file, "pools/default/default.vdisk", "paths are relative to the home");
   assert.ok(disks[0].allocatedBytes < MiB, "thin");
   const table = ok(["list"]).stdout.split("\n");
   assert.match(table[0], /^NAME\s+SIZE\s+ALLOCATED/);
@@ -182,10 +182,10 @@ test("create, info, resize (grow, refused shrink, --shrink), delete", () => {
   const created = json<DiskInfo>(["create", "web", "--size", "20M"]);
   assert.equal(created.size, 20 * MiB);
   assert.match(ok(["create", "db", "--size", "1.5G"]).stdout, /created disk db: 1\.5 GiB/);
-  assert.match(ok(["list"]).stdout, /^web\s+20 MiB\s+0 B\s+raw\s+rw\s+0$/m);
+  assert.match(ok(["list"]).stdout, /^web\s+20 MiB\s+0 B\s+vdisk\s+rw\s+0$/m);
   const info = ok(["info", "web"]).stdout;
   assert.match(info, /^size:\s+20 MiB \(20971520 bytes\)$/m);
-  assert.match(info, /^file:\s+pools\/default\/web\.raw$/m);
+  assert.match(info, /^file:\s+pools\/default\/web\.vdisk$/m);
   assert.equal(json<DiskInfo>(["info", "web"]).connections, 0);
 
   assert.equal(json<DiskInfo>(["resize", "web", "--size", "30M"]).size, 30 * MiB);
@@ -193,13 +193,18 @@ test("create, info, resize (grow, refused shrink, --shrink), delete", () => {
   assert.match(ok(["resize", "web", "--size", "10M", "--shrink"]).stdout, /disk web is now 10 MiB/);
 
   fails(["create", "web", "--size", "1G"], /already exists/, /another name/);
-  assert.deepEqual(json<{ deleted: string }>(["delete", "db"]), { deleted: "db" });
+  assert.deepEqual(json<{ deleted: string }>(["delete", "db"]), {
+    deleted: "db",
+    snapshotsDeleted: [],
+    snapshotsKept: [],
+    imageRemoved: true,
+  });
   assert.match(ok(["delete", "web"]).stdout, /deleted disk web/);
   assert.deepEqual(
     json<{ disks: DiskInfo[] }>(["list"]).disks.map((disk) => disk.name),
     ["default"],
   );
-  assert.ok(!fs.existsSync(path.join(home, "pools", "default", "web.raw")));
+  assert.ok(!fs.existsSync(path.join(home, "pools", "default", "web.vdisk")));
 });
 
 test("errors say what was wrong and what to do", () => {
@@ -294,7 +299,7 @@ test("SIGTERM: exit status 0 and the run files are removed", async () => {
   for (const name of ["daemon.json", "lock", "api.sock", "nbd.sock"]) {
     assert.ok(!fs.existsSync(path.join(run, name)), `run/${name} removed`);
   }
-  assert.ok(fs.existsSync(path.join(home, "pools", "default", "img.raw")), "disks survive");
+  assert.ok(fs.existsSync(path.join(home, "pools", "default", "img.vdisk")), "disks survive");
   const after = vdisk(["list"]);
   assert.equal(after.status, 1);
   assert.match(after.stderr, /no vdisk daemon is running/);

@@ -10,7 +10,13 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
-import { type DaemonFixture, describeRun, requireTool, spawnTool, startDaemon } from "../../src/testing/daemon-fixture";
+import {
+  type DaemonFixture,
+  describeRun,
+  requireTool,
+  spawnTool,
+  startDaemon,
+} from "../../src/testing/daemon-fixture";
 
 const MiB = 1024 * 1024;
 const diskBytes = 128 * MiB;
@@ -49,36 +55,49 @@ async function fio(args: string[]): Promise<void> {
   assert.equal(result.status, 0, `${describeRun("fio", args, result)}\ndaemon log:\n${daemon.log()}`);
 }
 
-test("kill -9 under a fio write workload loses no flushed write and leaves the image clean", { timeout: 240_000 }, async () => {
-  const created = daemon.vdisk(["create", "k9", "--size", String(diskBytes), "--format", "vdisk"]);
-  assert.equal(created.status, 0, created.stderr);
+test(
+  "kill -9 under a fio write workload loses no flushed write and leaves the image clean",
+  { timeout: 240_000 },
+  async () => {
+    const created = daemon.vdisk(["create", "k9", "--size", String(diskBytes), "--format", "vdisk"]);
+    assert.equal(created.status, 0, created.stderr);
 
-  // Phase 1: the first half, flushed at the end (fio's end_fsync sends NBD_CMD_FLUSH).
-  await fio(fioArgs(daemon.unixUri("k9"), ["--do_verify=0", "--end_fsync=1"], daemon.file("p1.json"), 0));
-  const snap = daemon.vdisk(["snapshot", "create", "k9", "before"]);
-  assert.equal(snap.status, 0, snap.stderr);
+    // Phase 1: the first half, flushed at the end (fio's end_fsync sends NBD_CMD_FLUSH).
+    await fio(fioArgs(daemon.unixUri("k9"), ["--do_verify=0", "--end_fsync=1"], daemon.file("p1.json"), 0));
+    const snap = daemon.vdisk(["snapshot", "create", "k9", "before"]);
+    assert.equal(snap.status, 0, snap.stderr);
 
-  // Phase 2: the second half, cut short by kill -9.
-  const phase2 = spawnTool(
-    "fio",
-    fioArgs(daemon.unixUri("k9"), ["--time_based", "--runtime=60", "--do_verify=0"], daemon.file("p2.json"), half),
-    { timeoutMs: 120_000, cwd: daemon.work },
-  );
-  await new Promise((resolve) => setTimeout(resolve, 1500));
-  await daemon.kill9();
-  await phase2.done; // fio fails once its server is gone; that is expected
-  await daemon.restart();
+    // Phase 2: the second half, cut short by kill -9.
+    const phase2 = spawnTool(
+      "fio",
+      fioArgs(
+        daemon.unixUri("k9"),
+        ["--time_based", "--runtime=60", "--do_verify=0"],
+        daemon.file("p2.json"),
+        half,
+      ),
+      { timeoutMs: 120_000, cwd: daemon.work },
+    );
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    await daemon.kill9();
+    await phase2.done; // fio fails once its server is gone; that is expected
+    await daemon.restart();
 
-  // Everything flushed in phase 1 reads back, on the disk and on the snapshot.
-  await fio(fioArgs(daemon.unixUri("k9"), ["--verify_only"], daemon.file("v1.json"), 0));
-  await fio(fioArgs(daemon.unixUri("k9@before"), ["--verify_only", "--readonly"], daemon.file("v2.json"), 0));
-  const report = JSON.parse(fs.readFileSync(daemon.file("v1.json"), "utf8")) as { jobs: Array<{ error: number; read: { io_bytes: number } }> };
-  assert.equal(report.jobs[0]?.error, 0);
-  assert.equal(report.jobs[0]?.read.io_bytes, half, "the verify pass read the whole first half");
+    // Everything flushed in phase 1 reads back, on the disk and on the snapshot.
+    await fio(fioArgs(daemon.unixUri("k9"), ["--verify_only"], daemon.file("v1.json"), 0));
+    await fio(fioArgs(daemon.unixUri("k9@before"), ["--verify_only"], daemon.file("v2.json"), 0));
+    const report = JSON.parse(fs.readFileSync(daemon.file("v1.json"), "utf8")) as {
+      jobs: Array<{ error: number; read: { io_bytes: number } }>;
+    };
+    assert.equal(report.jobs[0]?.error, 0);
+    assert.equal(report.jobs[0]?.read.io_bytes, half, "the verify pass read the whole first half");
 
-  const check = daemon.vdisk(["check", "k9", "--json"]);
-  assert.equal(check.status, 0, `vdisk check: ${check.stdout}${check.stderr}`);
+    const check = daemon.vdisk(["check", "k9", "--json"]);
+    assert.equal(check.status, 0, `vdisk check: ${check.stdout}${check.stderr}`);
 
-  // The disk still takes writes and flushes after the crash.
-  await fio(fioArgs(daemon.unixUri("k9"), ["--do_verify=1", "--end_fsync=1"], daemon.file("p3.json"), half));
-});
+    // The disk still takes writes and flushes after the crash.
+    await fio(
+      fioArgs(daemon.unixUri("k9"), ["--do_verify=1", "--end_fsync=1"], daemon.file("p3.json"), half),
+    );
+  },
+);

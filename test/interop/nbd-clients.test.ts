@@ -681,16 +681,7 @@ print(json.dumps(out))
   const out = JSON.parse(result.stdout.trim().split("\n").pop() as string) as Record<string, unknown>;
   const names = daemon.vdiskJson<{ disks: Array<{ name: string }> }>(["list"]).disks.map((d) => d.name);
   assert.deepEqual(out.listed, [...names].sort());
-  assert.deepEqual(out.info, [
-    diskBytes,
-    "opts",
-    "vdisk raw disk opts, 64 MiB",
-    1,
-    4096,
-    32 * MiB,
-    false,
-    true,
-  ]);
+  assert.deepEqual(out.info, [diskBytes, "opts", "vdisk disk opts, 64 MiB", 1, 4096, 32 * MiB, false, true]);
   assert.deepEqual(out.contexts, [1, ["base:allocation"]]);
   assert.deepEqual(out.unknown_context, [0, []]);
   assert.equal(out.unknown_export, "ENOENT", "NBD_REP_ERR_UNKNOWN");

@@ -107,6 +107,10 @@ test("a damaged catalog is refused with CORRUPT and a hint", () => {
     ],
     [JSON.stringify({ version: 1, disks: [{ ...record("a"), file: "/etc/passwd" }] }), /inside the home/],
     [JSON.stringify({ version: 1, disks: [{ ...record("a"), format: "qcow2" }] }), /unknown format/],
+    [
+      JSON.stringify({ version: 1, disks: [record("a"), { ...record("b"), file: "pools/default/a.raw" }] }),
+      /belongs to another disk/,
+    ],
     [JSON.stringify({ version: 1, disks: [{ ...record("a"), readOnly: "no" }] }), /readOnly/],
   ];
   for (const [text, pattern] of cases) {
@@ -171,11 +175,11 @@ async function memoryRegistry(): Promise<{ registry: DiskRegistry; home: string;
 
 test("registry: create, list, export lookup, persist and reload", async () => {
   const { registry, home, opener } = await memoryRegistry();
-  const web = await registry.create("web", 20 * MiB);
+  const web = await registry.create("web", 20 * MiB, { format: "raw" });
   assert.equal(web.size, 20 * MiB);
   assert.equal(web.file, "pools/default/web.raw");
   assert.equal(web.format, "raw");
-  await registry.create("default", 8 * MiB);
+  await registry.create("default", 8 * MiB, { format: "raw" });
   await assert.rejects(registry.create("web", MiB), isError("DISK_EXISTS"));
   await assert.rejects(registry.create("bad name", MiB), isError("BAD_NAME"));
   await assert.rejects(registry.create("odd", 1000), isError("BAD_SIZE"));
@@ -227,7 +231,7 @@ test("registry: delete refuses a disk in use unless forced; force disconnects th
   await registry.delete("busy", true);
   assert.deepEqual(disconnected, ["busy"]);
   assert.deepEqual(registry.list(), []);
-  assert.ok(!fs.existsSync(path.join(home, "pools/default/busy.raw")), "the file is gone");
+  assert.ok(!fs.existsSync(path.join(home, "pools/default/busy.vdisk")), "the image file is gone");
   assert.deepEqual(loadCatalog(home).disks, []);
   await registry.closeAll();
 });
