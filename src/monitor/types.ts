@@ -1,0 +1,56 @@
+/**
+ * The shape of the daemon's live statistics, shared by the API (`GET /v1/stats`), `vdisk top`, the
+ * dashboard's event stream and the Prometheus exporter. Counters are totals since the daemon started;
+ * readers compute rates from two snapshots (`timeMs` tells them how far apart).
+ */
+
+/** Request kinds counted separately. */
+export const opKinds = ["read", "write", "zero", "trim", "flush", "cache", "blockStatus"] as const;
+export type OpKind = (typeof opKinds)[number];
+
+/** Upper bounds (seconds) of the latency histogram buckets; the last bucket is +Inf. */
+export const latencyBucketsSeconds = [
+  0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+] as const;
+
+export interface OpCounters {
+  ops: number;
+  bytes: number;
+  errors: number;
+  /** Sum of latencies in seconds, and counts per latencyBucketsSeconds bucket (+ one for +Inf). */
+  latencySecondsSum: number;
+  latencyBuckets: number[];
+}
+
+export interface ClientStats {
+  /** Connection id, unique for the daemon's life. */
+  id: number;
+  /** Export the client is attached to (DISK or DISK@SNAP). */
+  export: string;
+  /** Where it came from: "unix" or "tcp HOST:PORT". */
+  peer: string;
+  connectedMs: number;
+  inflight: number;
+  ops: Record<OpKind, OpCounters>;
+}
+
+export interface DiskStats {
+  name: string;
+  format: string;
+  sizeBytes: number;
+  allocatedBytes: number;
+  snapshots: number;
+  /** Totals over every client this disk (and its snapshot exports) ever had, including gone ones. */
+  ops: Record<OpKind, OpCounters>;
+  errorsByCode: Record<string, number>;
+  inflight: number;
+  clients: ClientStats[];
+}
+
+export interface StatsSnapshot {
+  timeMs: number;
+  uptimeSeconds: number;
+  disks: DiskStats[];
+  server: { connections: number; connectionsTotal: number; protocolErrors: number };
+  process: { residentBytes: number; heapUsedBytes: number; eventLoopLagSeconds: number };
+}
