@@ -52,6 +52,7 @@ function api(
     const request = http.request(
       {
         socketPath: socket,
+        agent: false, // a kept-alive socket may have been closed by the server while qemu-img ran
         method,
         path: route,
         headers: payload ? { "content-type": "application/json", "content-length": payload.length } : {},
@@ -73,7 +74,7 @@ function api(
         });
       },
     );
-    request.on("error", reject);
+    request.on("error", (err) => reject(new Error(`${method} ${route}: ${err.message}`)));
     if (payload) request.write(payload);
     request.end();
   });

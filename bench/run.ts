@@ -16,7 +16,7 @@
  * Environment: BENCH_SIZE (default 4G), BENCH_SECONDS (10), BENCH_RAMP (2), BENCH_RUNS (3),
  * BENCH_SERVERS (comma list of ids to run), BENCH_ROWS (comma list of row ids), BENCH_DIR (scratch dir),
  * BENCH_SECTIONS ("servers,image" by default; image = snapshot chains, snapshot timings, index size — see
- * image.ts).
+ * image.ts), BENCH_KEEP=1 keeps the scratch dir (daemon logs) for a post-mortem.
  * Results: a table on stdout and JSON in bench/results/<timestamp>.json with the machine's description.
  */
 import { spawn } from "node:child_process";
@@ -213,7 +213,8 @@ async function main(): Promise<void> {
       imageResults = await runImageBench({ scratch, master, sizeBytes: size, seconds, ramp, runs, vdiskBin });
     }
   } finally {
-    fs.rmSync(scratch, { recursive: true, force: true });
+    if (process.env.BENCH_KEEP) console.log(`scratch kept: ${scratch}`);
+    else fs.rmSync(scratch, { recursive: true, force: true });
   }
 
   // Table: each server's figure, then vdisk / qemu-nbd and vdisk / best peer.
