@@ -2,8 +2,9 @@
  * `npm run bench`: the same fio workloads (fio's nbd engine, over a Unix socket) against vdisk and its
  * peers in one run, side by side, with ratios. Performance claims come from here, never from tests.
  *
- * Servers (each gets its own freshly written copy of one pseudo-random raw image, in the page cache —
- * see ../shared/ANCHORS.md for why a copy filled by writes matters):
+ * Servers (each starts on an empty disk and is filled with one pseudo-random raw image through itself,
+ * over NBD, so every server's page cache is filled by its own writes — see ../shared/ANCHORS.md for why
+ * how the page cache was filled matters so much to 4 KiB writes):
  *   vdisk raw            `vdisk serve`, a raw disk filled over NBD by qemu-img convert
  *   vdisk image          the same with a vdisk-format (copy-on-write) disk
  *   qemu-nbd raw         qemu-nbd -f raw -t -e 8 --cache=writeback --aio=threads
@@ -45,24 +46,47 @@ const ROWS: Row[] = [
   { id: "write-1m-qd8", label: "1M seq write QD8", rw: "write", bs: "1m", iodepth: 8, unit: "GB/s" },
 ];
 
+/**
+ * A server under test. `start` serves an EMPTY disk of `sizeBytes` (backed by a file under `scratch`);
+ * the harness then fills it with the master image through that very server (qemu-img convert over NBD),
+ * so every server's page cache is filled the same way, by its own writes.
+ */
 interface Server {
   id: string;
   label: string;
-  start(image: string, socket: string, scratch: string): Promise<{ uri: string; stop: () => Promise<void> }>;
+  start(
+    sizeBytes: number,
+    socket: string,
+    scratch: string,
+  ): Promise<{ uri: string; stop: () => Promise<void> }>;
+}
+
+function emptyRaw(scratch: string, id: string, sizeBytes: number): string {
+  const file = path.join(scratch, `${id}.raw`);
+  fs.closeSync(fs.openSync(file, "w"));
+  fs.truncateSync(file, sizeBytes);
+  return file;
 }
 
 function qemuNbd(id: string, label: string, aio: string): Server {
   return {
     id,
     label,
-    async start(image, socket) {
+    async start(sizeBytes, socket, scratch) {
+      const image = emptyRaw(scratch, id, sizeBytes);
       const child = spawn(
         "qemu-nbd",
         ["-f", "raw", "-t", "-e", "8", "--cache=writeback", `--aio=${aio}`, "-k", socket, image],
         { stdio: "ignore" },
       );
       await waitForSocket(socket, child, "qemu-nbd");
-      return { uri: `nbd+unix:///?socket=${socket}`, stop: () => stopChild(child) };
+      return {
+        uri: `nbd+unix:///?socket=${socket}`,
+        stop: async () => {
+          await stopChild(child);
+          fs.rmSync(image, { force: true });
+        },
+      };
     },
   };
 }
@@ -71,7 +95,7 @@ function vdiskServer(id: string, label: string, format: "raw" | "vdisk"): Server
   return {
     id,
     label,
-    async start(image, socket, scratch) {
+    async start(sizeBytes, socket, scratch) {
       const home = path.join(scratch, `${id}-home`);
       const child = spawn(
         process.execPath,
@@ -79,7 +103,6 @@ function vdiskServer(id: string, label: string, format: "raw" | "vdisk"): Server
         { stdio: ["ignore", "ignore", fs.openSync(path.join(scratch, `${id}.log`), "a")] },
       );
       await waitForSocket(path.join(home, "run", "daemon.json"), child, "vdisk serve");
-      const sizeBytes = fs.statSync(image).size;
       run(process.execPath, [
         vdiskBin,
         "create",
@@ -91,10 +114,7 @@ function vdiskServer(id: string, label: string, format: "raw" | "vdisk"): Server
         "--format",
         format,
       ]);
-      // Written through vdisk itself over NBD, so its page cache is filled by writes like the others'.
       const uri = `nbd+unix:///bench?socket=${socket}`;
-      run("qemu-img", ["convert", "-n", "-f", "raw", "-O", "raw", "-W", image, uri]);
-      fs.rmSync(image);
       return {
         uri,
         stop: async () => {
@@ -114,10 +134,9 @@ const SERVERS: Server[] = [
   {
     id: "qemu-nbd-qcow2",
     label: "qemu-nbd qcow2",
-    async start(image, socket) {
-      const qcow2 = `${image}.qcow2`;
-      run("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", image, qcow2]);
-      fs.rmSync(image);
+    async start(sizeBytes, socket, scratch) {
+      const qcow2 = path.join(scratch, "bench.qcow2");
+      run("qemu-img", ["create", "-q", "-f", "qcow2", qcow2, String(sizeBytes)]);
       const child = spawn(
         "qemu-nbd",
         ["-f", "qcow2", "-t", "-e", "8", "--cache=writeback", "--aio=threads", "-k", socket, qcow2],
@@ -136,12 +155,19 @@ const SERVERS: Server[] = [
   {
     id: "nbdkit",
     label: "nbdkit file",
-    async start(image, socket) {
+    async start(sizeBytes, socket, scratch) {
+      const image = emptyRaw(scratch, "nbdkit", sizeBytes);
       const child = spawn("nbdkit", ["--foreground", "--unix", socket, "file", `file=${image}`], {
         stdio: "ignore",
       });
       await waitForSocket(socket, child, "nbdkit");
-      return { uri: `nbd+unix:///?socket=${socket}`, stop: () => stopChild(child) };
+      return {
+        uri: `nbd+unix:///?socket=${socket}`,
+        stop: async () => {
+          await stopChild(child);
+          fs.rmSync(image, { force: true });
+        },
+      };
     },
   },
 ];
@@ -180,11 +206,11 @@ async function main(): Promise<void> {
   > = {};
   try {
     for (const server of servers) {
-      const image = path.join(scratch, `${server.id}.raw`);
-      run("cp", ["--sparse=never", master, image]);
       const socket = path.join(scratch, `${server.id}.sock`);
       process.stdout.write(`${server.label}: starting... `);
-      const { uri, stop } = await server.start(image, socket, scratch);
+      const { uri, stop } = await server.start(size, socket, scratch);
+      // Fill it through the server itself: every server's page cache is then filled by its own writes.
+      run("qemu-img", ["convert", "-n", "-f", "raw", "-O", "raw", "-W", master, uri]);
       results[server.id] = {};
       try {
         for (const row of rows) {
@@ -204,7 +230,6 @@ async function main(): Promise<void> {
         }
       } finally {
         await stop();
-        fs.rmSync(image, { force: true });
       }
       process.stdout.write("\n");
     }
