@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests drive as real clients and peers:
 #   qemu-utils (qemu-img, qemu-io, qemu-nbd), libnbd-bin (nbdinfo, nbdcopy), python3-libnbd (nbdsh),
-#   nbdkit, fio (with its nbd engine). Needs root (or sudo) and apt.
+#   nbdkit, fio (with its nbd engine), chromium (/usr/bin/chromium, driven by playwright-core in the
+#   dashboard test; Playwright never downloads a browser). Needs root (or sudo) and apt. Idempotent: only
+#   missing packages are installed, and nothing at all when every one is there.
 set -euo pipefail
-packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio)
+packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

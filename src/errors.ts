@@ -55,6 +55,7 @@ export const ErrorCodes = {
   BAD_SIZE: { nbd: NbdErrno.EINVAL, http: 400 },
   BAD_REQUEST: { nbd: NbdErrno.EINVAL, http: 400 },
   NOT_FOUND: { nbd: NbdErrno.EINVAL, http: 404 },
+  UNAUTHORIZED: { nbd: NbdErrno.EPERM, http: 401 }, // an API call over TCP without the token
   DAEMON_NOT_RUNNING: { nbd: NbdErrno.EIO, http: 503 },
   HOME_LOCKED: { nbd: NbdErrno.EIO, http: 409 },
   CORRUPT: { nbd: NbdErrno.EIO, http: 500 },

@@ -3,12 +3,16 @@
  * the TCP address the daemon wrote into `<home>/run/daemon.json`. Nothing answering means no daemon runs for
  * this home: DAEMON_NOT_RUNNING with the command that starts one.
  *
+ * Every request carries `Authorization: Bearer TOKEN` when a token is known: $VDISK_API_TOKEN, else the
+ * content of `<home>/api-token` (the daemon needs it for changes over TCP; the socket ignores it).
+ *
  * An API error body {"error":{code,message,hint}} becomes the same VdiskError on this side, so the CLI prints
  * the daemon's message and hint unchanged. Successful bodies are returned both parsed and as the exact text
  * (for --json).
  */
 import * as http from "node:http";
 import { ErrorCodes, VdiskError, type ErrorCode } from "../errors";
+import { readTokenFile } from "../daemon/api-token";
 import { homePaths, readDaemonInfo, type HomePaths } from "../daemon/home";
 
 export interface ApiResult<T> {
@@ -32,9 +36,12 @@ const absentCodes = new Set([
 export class ApiClient {
   private readonly paths: HomePaths;
   private target: Target | null = null;
+  private readonly token: string | null;
 
   constructor(readonly home: string) {
     this.paths = homePaths(home);
+    const fromEnv = process.env.VDISK_API_TOKEN;
+    this.token = fromEnv !== undefined && fromEnv !== "" ? fromEnv : readTokenFile(this.paths);
   }
 
   get<T>(path: string): Promise<ApiResult<T>> {
@@ -53,7 +60,7 @@ export class ApiClient {
     const payload = body === undefined ? undefined : JSON.stringify(body);
     for (const target of this.targets()) {
       try {
-        const result = await send(target, method, path, payload);
+        const result = await send(target, method, path, payload, this.token);
         this.target = target;
         return decode<T>(result);
       } catch (err) {
@@ -89,9 +96,11 @@ function send(
   method: string,
   path: string,
   payload: string | undefined,
+  token: string | null,
 ): Promise<{ status: number; text: string }> {
   return new Promise((resolve, reject) => {
     const headers: http.OutgoingHttpHeaders = { accept: "application/json" };
+    if (token !== null && token !== "") headers.authorization = `Bearer ${token}`;
     if (payload !== undefined) {
       headers["content-type"] = "application/json";
       headers["content-length"] = Buffer.byteLength(payload);

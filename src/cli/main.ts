@@ -6,6 +6,8 @@
  * body exactly). Exit status: 0 success, 1 a VdiskError (printed as `vdisk: error:` + `  hint:`) or a
  * `check` that found problems, 2 a usage error found by commander.
  *
+ * `top` (top.ts) is the live view; `stats` prints the same counters once (GET /v1/stats).
+ *
  * Snapshots are named DISK@SNAP wherever one name is expected (clone, rollback, export, NBD export names);
  * `snapshot create|delete` take DISK SNAP (or DISK@SNAP).
  */
@@ -18,20 +20,24 @@ import { resolveHome } from "../daemon/home";
 import { parseSnapshotName } from "../daemon/catalog";
 import type { CheckReport, DeleteResult, DiskInfo, DiskTree, SnapshotInfo } from "../daemon/registry";
 import type { JobView } from "../daemon/jobs";
+import type { DiskStats, StatsSnapshot } from "../monitor/types";
 import { formatSize, parseDiskSize, parseSize } from "../util/size";
 import { ApiClient, type ApiResult } from "./client";
 import {
   checkText,
   deleteText,
   diskDetails,
+  diskStatsText,
   diskTable,
   jobProgress,
   jobSummary,
   keyValues,
   printError,
   snapshotTable,
+  statsText,
   treeText,
 } from "./output";
+import { runTop } from "./top";
 
 interface CommonOptions {
   home?: string;
@@ -106,6 +112,8 @@ interface ServeOptions extends CommonOptions {
   listen?: string;
   socket?: string;
   http?: string;
+  allowRemoteApi?: boolean;
+  apiToken?: string;
   maxRequest?: string;
   maxConnections?: number;
   maxInflight?: number;
@@ -117,6 +125,8 @@ async function serve(options: ServeOptions): Promise<void> {
     listen: options.listen,
     socket: options.socket,
     http: options.http,
+    allowRemoteApi: options.allowRemoteApi === true,
+    apiToken: options.apiToken,
     requestBytesMax: options.maxRequest === undefined ? undefined : requestBytes(options.maxRequest),
     connectionsMax: options.maxConnections,
     inflightPerConnectionMax: options.maxInflight,
@@ -333,6 +343,33 @@ async function status(options: CommonOptions): Promise<void> {
   );
 }
 
+async function stats(disk: string | undefined, options: CommonOptions): Promise<void> {
+  const client = clientFor(options);
+  if (disk === undefined) {
+    output(options, await client.get<StatsSnapshot>("/v1/stats"), statsText);
+    return;
+  }
+  output(options, await client.get<DiskStats>(`${diskPath(disk)}/stats`), diskStatsText);
+}
+
+function positiveSeconds(option: string): (value: string) => number {
+  return (value) => {
+    const seconds = Number(value);
+    if (!Number.isFinite(seconds) || seconds < 0.1 || seconds > 3600) {
+      throw new InvalidArgumentError(`${option} takes seconds from 0.1 to 3600, not "${value}"`);
+    }
+    return seconds;
+  };
+}
+
+async function top(options: CommonOptions & { once?: boolean; interval: number }): Promise<void> {
+  await runTop(clientFor(options), {
+    intervalSeconds: options.interval,
+    once: options.once === true,
+    json: options.json === true,
+  });
+}
+
 // ---- Program -------------------------------------------------------------------------------------------
 
 type Action = (...args: never[]) => Promise<void>;
@@ -366,6 +403,8 @@ export function buildProgram(): Command {
     .option("--listen <host:port>", "NBD TCP address, or none", "127.0.0.1:10809")
     .option("--socket <path>", "NBD Unix socket, or none (default: HOME/run/nbd.sock)")
     .option("--http <host:port>", "API TCP address, or none", "127.0.0.1:10810")
+    .option("--allow-remote-api", "allow --http on a non-loopback address (changes then need the API token)")
+    .option("--api-token <token>", "token for API changes over TCP (default: HOME/api-token, if present)")
     .option("--max-request <size>", "largest NBD read/write payload (default 32M)")
     .option("--max-connections <n>", "simultaneous NBD connections", positiveInteger("--max-connections"))
     .option("--max-inflight <n>", "NBD requests in flight per connection", positiveInteger("--max-inflight"))
@@ -425,6 +464,15 @@ export function buildProgram(): Command {
     handled(check),
   );
   command(program, "status", "show the daemon's addresses and counters").action(handled(status));
+  command(
+    program,
+    "stats [disk]",
+    "show request counters, clients and space, of every disk or of one",
+  ).action(handled(stats));
+  command(program, "top", "live view of disks and clients: IOPS, MB/s, latency, queue depth")
+    .option("--once", "print one frame (two samples --interval apart) and exit; with --json, as JSON")
+    .option("--interval <seconds>", "seconds between samples", positiveSeconds("--interval"), 1)
+    .action(handled(top));
   return program;
 }
 

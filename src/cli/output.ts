@@ -19,7 +19,9 @@ import type {
   TreeNode,
 } from "../daemon/registry";
 import type { JobView } from "../daemon/jobs";
+import { type DiskStats, type OpCounters, type StatsSnapshot, opKinds } from "../monitor/types";
 import { formatRate, formatSize } from "../util/size";
+import { formatLatency } from "./top";
 
 export function table(headers: string[], rows: string[][]): string {
   const widths = headers.map((header, column) =>
@@ -232,4 +234,89 @@ export function printError(err: unknown): number {
     process.stderr.write(`${err.stack ?? ""}\n`);
   }
   return 1;
+}
+
+// ---- vdisk stats ---------------------------------------------------------------------------------------
+
+function averageLatency(counters: OpCounters): string {
+  return counters.ops === 0 ? "-" : formatLatency(counters.latencySecondsSum / counters.ops);
+}
+
+function totalOps(disk: DiskStats): number {
+  return opKinds.reduce((sum, kind) => sum + disk.ops[kind].ops, 0);
+}
+
+function totalErrors(disk: DiskStats): number {
+  return Object.values(disk.errorsByCode).reduce((sum, count) => sum + count, 0);
+}
+
+/** `vdisk stats`: the daemon in one line, then one row per disk. */
+export function statsText(stats: StatsSnapshot): string {
+  const lagMs = (stats.process.eventLoopLagSeconds * 1000).toFixed(2);
+  const head =
+    `daemon: up ${formatSeconds(stats.uptimeSeconds)}, ${plural(stats.server.connections, "NBD connection")} ` +
+    `(${stats.server.connectionsTotal} since start), ${plural(stats.server.protocolErrors, "protocol error")}, ` +
+    `RSS ${formatSize(stats.process.residentBytes)}, heap ${formatSize(stats.process.heapUsedBytes)}, event-loop lag ${lagMs} ms`;
+  if (stats.disks.length === 0) return `${head}\nno disks (make one with: vdisk create NAME --size 20G)`;
+  const rows = stats.disks.map((disk) => [
+    disk.name,
+    disk.format,
+    formatSize(disk.sizeBytes),
+    formatSize(disk.allocatedBytes),
+    String(disk.snapshots),
+    String(disk.clients.length),
+    String(disk.inflight),
+    String(totalOps(disk)),
+    formatSize(disk.ops.read.bytes),
+    formatSize(disk.ops.write.bytes),
+    String(totalErrors(disk)),
+  ]);
+  const headers = ["DISK", "FORMAT", "SIZE", "ALLOCATED", "SNAPSHOTS", "CLIENTS", "INFLIGHT", "REQUESTS"];
+  return `${head}\n${table([...headers, "READ", "WRITTEN", "ERRORS"], rows)}\n(totals since the daemon started; vdisk top shows rates)`;
+}
+
+/** `vdisk stats DISK`: the disk's counters per op, its errors and its clients. */
+export function diskStatsText(disk: DiskStats): string {
+  const pairs: [string, string][] = [
+    [
+      "disk",
+      `${disk.name} (${disk.format}, ${formatSize(disk.sizeBytes)}, ${formatSize(disk.allocatedBytes)} allocated)`,
+    ],
+    ["snapshots", String(disk.snapshots)],
+    ["in flight", String(disk.inflight)],
+    [
+      "errors",
+      totalErrors(disk) === 0
+        ? "none"
+        : Object.entries(disk.errorsByCode)
+            .map(([code, count]) => `${code} ${count}`)
+            .join(", "),
+    ],
+  ];
+  const opRows = opKinds.map((kind) => {
+    const counters = disk.ops[kind];
+    return [
+      kind,
+      String(counters.ops),
+      formatSize(counters.bytes),
+      String(counters.errors),
+      averageLatency(counters),
+    ];
+  });
+  const ops = table(["OP", "REQUESTS", "BYTES", "ERRORS", "AVG LATENCY"], opRows);
+  const clients =
+    disk.clients.length === 0
+      ? "no clients connected"
+      : table(
+          ["CLIENT", "EXPORT", "PEER", "CONNECTED", "INFLIGHT", "REQUESTS"],
+          disk.clients.map((client) => [
+            `#${client.id}`,
+            client.export,
+            client.peer,
+            shortTime(new Date(client.connectedMs).toISOString()),
+            String(client.inflight),
+            String(opKinds.reduce((sum, kind) => sum + client.ops[kind].ops, 0)),
+          ]),
+        );
+  return `${keyValues(pairs)}\n\n${ops}\n\n${clients}`;
 }

@@ -19,18 +19,34 @@
  *   POST   /v1/export                 {"name","file","format"?} → 202 job   (name: DISK or DISK@SNAP; raw|qcow2)
  *   GET    /v1/jobs                   {"jobs":[job...]}
  *   GET    /v1/jobs/ID                job
+ *   GET    /v1/stats                  StatsSnapshot (src/monitor/types.ts): disks, clients, counters, process
+ *   GET    /v1/disks/NAME/stats       one disk's DiskStats
+ *   GET    /metrics                   Prometheus text format (docs/metrics.md)
  * Errors: {"error":{"code","message","hint"}} with the code's HTTP status (errors.ts).
  *
- * Hardening: request bodies are capped (apiBodyBytesMax); requests that carry an Origin header (browsers)
- * or a Host that is not an IP address or localhost (DNS rebinding) are refused, and bodies must be JSON,
- * so a web page cannot drive the daemon into reading or writing files. Responses name disk files relative
+ * Hardening: request bodies are capped (apiBodyBytesMax); requests from other web pages (an Origin header
+ * that is not this listener's own `http://HOST`, which only the daemon's dashboard sends) or with a Host
+ * that is not an IP address or localhost (DNS rebinding) are refused, and bodies must be JSON, so a web
+ * page cannot drive the daemon into reading or writing files. Responses name disk files relative
  * to the home and job files by base name only.
+ *
+ * Trust: the Unix socket lives in the owner-only run directory and is trusted. Over TCP, when an API token
+ * is configured (`ctx.apiToken`), every mutating call (POST, PUT, PATCH, DELETE) needs
+ * `Authorization: Bearer TOKEN` (401 otherwise) — this is checked before anything else, the dashboard
+ * hook included — and every string of a TCP response is scrubbed of absolute paths outside the home
+ * (they become their base names; see `scrubPaths`).
+ *
+ * The web dashboard plugs in through `ctx.dashboard`: it sees each request first (after the token check)
+ * and returns true when it answered it.
  */
+import * as crypto from "node:crypto";
 import * as http from "node:http";
 import * as net from "node:net";
 import * as fs from "node:fs";
+import * as path from "node:path";
 import { VdiskError, type ErrorCode } from "../errors";
 import { KiB } from "../limits";
+import type { StatsSnapshot } from "../monitor/types";
 import { parseDiskSize } from "../util/size";
 import { diskFormats, type DiskFormat } from "./catalog";
 import { type ExportFormat, type ImportFormat, type JobManager, exportFormats, importFormats } from "./jobs";
@@ -42,12 +58,26 @@ export interface ApiContext {
   registry: DiskRegistry;
   jobs: JobManager;
   status(): object;
+  /** The live statistics now (space figures may be up to a second old); for the dashboard's stream. */
+  stats(): StatsSnapshot;
+  /** The live statistics with fresh space figures (GET /v1/stats). */
+  freshStats(): Promise<StatsSnapshot>;
+  /** One Prometheus scrape (GET /metrics). */
+  metrics(): Promise<{ contentType: string; text: string }>;
+  /** The web dashboard: returns true when it answered the request. */
+  dashboard?: (req: http.IncomingMessage, res: http.ServerResponse) => boolean;
+  /** Mutating calls over TCP need `Authorization: Bearer <apiToken>`; null or absent = no token. */
+  apiToken?: string | null;
   log?: (message: string) => void;
 }
 
 interface Reply {
   status: number;
+  /** A JSON body, or, with `text`, ignored. */
   body: unknown;
+  /** A non-JSON body (GET /metrics) and its content type. */
+  text?: string;
+  contentType?: string;
 }
 
 type Body = Record<string, unknown>;
@@ -149,6 +179,28 @@ function routes(ctx: ApiContext): Route[] {
     },
     { method: "GET", pattern: /^\/v1\/jobs$/, handler: async () => ok({ jobs: jobs.list() }) },
     { method: "GET", pattern: /^\/v1\/jobs\/(\d+)$/, handler: async ([id]) => ok(jobs.get(Number(id))) },
+    { method: "GET", pattern: /^\/v1\/stats$/, handler: async () => ok(await ctx.freshStats()) },
+    {
+      method: "GET",
+      pattern: /^\/v1\/disks\/([^/]+)\/stats$/,
+      handler: async ([name]) => {
+        const disk = (await ctx.freshStats()).disks.find((candidate) => candidate.name === name);
+        if (!disk) {
+          throw new VdiskError("UNKNOWN_DISK", `no disk named ${name} (vdisk list shows the disks)`, {
+            hint: `to make one: vdisk create ${name} --size SIZE`,
+          });
+        }
+        return ok(disk);
+      },
+    },
+    {
+      method: "GET",
+      pattern: /^\/metrics$/,
+      handler: async () => {
+        const scrape = await ctx.metrics();
+        return { status: 200, body: null, text: scrape.text, contentType: scrape.contentType };
+      },
+    },
   ];
 }
 
@@ -251,11 +303,15 @@ async function parseBody(req: http.IncomingMessage): Promise<Body> {
   return parsed as Body;
 }
 
-/** Refuse browsers (Origin) and foreign host names (DNS rebinding): only local tools talk to this API. */
+/**
+ * Refuse other web pages (an Origin that is not `http://HOST` of this very request: only the daemon's own
+ * dashboard may call from a browser) and foreign host names (DNS rebinding).
+ */
 function checkCaller(req: http.IncomingMessage): void {
-  if (req.headers.origin !== undefined) {
+  const origin = req.headers.origin;
+  if (origin !== undefined && (req.headers.host === undefined || origin !== `http://${req.headers.host}`)) {
     throw new VdiskError("BAD_REQUEST", "requests from web pages are not accepted", {
-      hint: "use the vdisk CLI or a client that sends no Origin header",
+      hint: "use the vdisk CLI, the daemon's own dashboard, or a client that sends no Origin header",
     });
   }
   const host = req.headers.host;
@@ -278,6 +334,51 @@ function decodeParams(match: RegExpExecArray): string[] {
   }
 }
 
+// ---- Trust: token and path scrubbing ---------------------------------------------------------------------
+
+const mutatingMethods = new Set(["POST", "PUT", "PATCH", "DELETE"]);
+
+/** Whether the request carries `Authorization: Bearer <token>` (compared in constant time). */
+export function bearerMatches(req: http.IncomingMessage, token: string): boolean {
+  const header = req.headers.authorization;
+  const match = typeof header === "string" ? /^Bearer\s+(\S+)\s*$/i.exec(header) : null;
+  if (!match) return false;
+  const digest = (text: string): Buffer => crypto.createHash("sha256").update(text, "utf8").digest();
+  return crypto.timingSafeEqual(digest(match[1] as string), digest(token));
+}
+
+function unauthorized(req: http.IncomingMessage): Reply {
+  const sent = req.headers.authorization !== undefined;
+  return errorReply(
+    new VdiskError(
+      "UNAUTHORIZED",
+      sent
+        ? "the API token sent is not the daemon's"
+        : `${req.method ?? "this"} calls over TCP need the API token`,
+      {
+        hint: "send Authorization: Bearer TOKEN, with the token given to vdisk serve --api-token or kept in HOME/api-token on the daemon's machine",
+      },
+    ),
+  );
+}
+
+/** Absolute paths in free text: after a start, a space, a quote, a bracket or `=`; up to a delimiter. */
+const absolutePathPattern = /(^|[\s'"(=[])(\/[^\s'"()[\]{},;:]*)/g;
+
+/**
+ * `text` with every absolute path outside `home` replaced by its base name (API routes such as /v1/jobs
+ * and /metrics are left alone).
+ */
+export function scrubPaths(text: string, home: string): string {
+  if (!text.includes("/")) return text;
+  return text.replace(absolutePathPattern, (whole, before: string, found: string) => {
+    if (found === "/v1" || found.startsWith("/v1/") || found === "/metrics") return whole;
+    const normal = path.posix.normalize(found);
+    if (normal === home || normal.startsWith(`${home}/`)) return whole;
+    return `${before}${path.posix.basename(normal) || "/"}`;
+  });
+}
+
 function errorReply(err: unknown, log?: (message: string) => void): Reply {
   const error =
     err instanceof VdiskError
@@ -294,10 +395,26 @@ function errorReply(err: unknown, log?: (message: string) => void): Reply {
   };
 }
 
-export function createApiHandler(ctx: ApiContext): http.RequestListener {
+/**
+ * The request listener. `trusted`: the owner-only Unix socket (no token, no scrubbing); otherwise TCP.
+ */
+export function createApiHandler(ctx: ApiContext, options: { trusted: boolean }): http.RequestListener {
   const table = routes(ctx);
+  const scrubHome = options.trusted ? null : path.posix.normalize(ctx.registry.home);
   return (req, res) => {
-    void answer(table, req, ctx.log).then((reply) => send(req, res, reply));
+    const token = ctx.apiToken ?? null;
+    if (
+      !options.trusted &&
+      token !== null &&
+      mutatingMethods.has(req.method ?? "") &&
+      !bearerMatches(req, token)
+    ) {
+      req.resume(); // discard any body
+      send(req, res, unauthorized(req), scrubHome);
+      return;
+    }
+    if (ctx.dashboard?.(req, res)) return;
+    void answer(table, req, ctx.log).then((reply) => send(req, res, reply, scrubHome));
   };
 }
 
@@ -324,11 +441,25 @@ async function answer(
   }
 }
 
-function send(req: http.IncomingMessage, res: http.ServerResponse, reply: Reply): void {
-  const text = JSON.stringify(reply.body, null, 2) + "\n";
+/** Send a reply; with `scrubHome`, every string loses its absolute paths outside that home. */
+function send(
+  req: http.IncomingMessage,
+  res: http.ServerResponse,
+  reply: Reply,
+  scrubHome: string | null,
+): void {
+  const scrub = (value: string): string => (scrubHome === null ? value : scrubPaths(value, scrubHome));
+  const text =
+    reply.text !== undefined
+      ? scrub(reply.text)
+      : JSON.stringify(
+          reply.body,
+          (_key, value: unknown) => (typeof value === "string" ? scrub(value) : value),
+          2,
+        ) + "\n";
   const tooLarge = reply.status === 413;
   res.writeHead(reply.status, {
-    "content-type": "application/json; charset=utf-8",
+    "content-type": reply.contentType ?? "application/json; charset=utf-8",
     "content-length": Buffer.byteLength(text),
     "cache-control": "no-store",
     ...(tooLarge ? { connection: "close" } : {}),
@@ -372,7 +503,6 @@ export async function startApi(
   unixPath: string,
   tcp: { host: string; port: number } | null,
 ): Promise<ApiServer> {
-  const handler = createApiHandler(ctx);
   const servers: http.Server[] = [];
   const closeAll = async (): Promise<void> => {
     await Promise.all(servers.map(closeServer));
@@ -380,12 +510,12 @@ export async function startApi(
   };
   try {
     fs.rmSync(unixPath, { force: true });
-    const unixServer = http.createServer(handler);
+    const unixServer = http.createServer(createApiHandler(ctx, { trusted: true }));
     servers.push(unixServer);
     await listen(unixServer, { path: unixPath });
     let bound: { host: string; port: number } | null = null;
     if (tcp) {
-      const tcpServer = http.createServer(handler);
+      const tcpServer = http.createServer(createApiHandler(ctx, { trusted: false }));
       servers.push(tcpServer);
       await listen(tcpServer, tcp).catch((err: unknown) => {
         throw listenError(err, `${tcp.host}:${tcp.port}`, "--http HOST:PORT (or --http none)");

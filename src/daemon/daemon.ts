@@ -1,10 +1,12 @@
 /**
  * The daemon: one process per home that serves the home's disks over NBD and the management API.
  *
- * Start: resolve and prepare the home → take its lock → open the registry (the first start of a new home
- * creates the thin 8 GiB disk `default`) → NBD on TCP and on the Unix socket → API on run/api.sock and TCP →
- * write run/daemon.json (only now can clients find us). Any failure undoes what was done and throws a
- * VdiskError with a hint (port in use, home locked, ...).
+ * Start: resolve and prepare the home → decide who may use the API (a non-loopback --http needs
+ * --allow-remote-api and a token; api-token.ts) → take its lock → open the registry (the first start of a
+ * new home creates the thin 8 GiB disk `default`) → NBD on TCP and on the Unix socket, every connection
+ * monitored by the StatsRecorder → API on run/api.sock and TCP (with /v1/stats, /metrics and the
+ * dashboard) → write run/daemon.json (only now can clients find us). Any failure undoes what was done and
+ * throws a VdiskError with a hint (port in use, home locked, ...).
  *
  * Stop (SIGINT/SIGTERM): stop the API, let the NBD server drain in-flight requests (limits.drainTimeoutMs),
  * stop running jobs, flush and close every device, remove the run files, exit 0. A second signal exits at
@@ -14,8 +16,13 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { VdiskError } from "../errors";
 import * as limits from "../limits";
+import { MetricsExporter } from "../monitor/prometheus";
+import { StatsRecorder } from "../monitor/recorder";
+import { DaemonStats } from "../monitor/stats";
 import { NbdServer } from "../protocol/nbd/server";
-import { type ApiServer, listenError, startApi } from "./api";
+import { type ApiContext, type ApiServer, listenError, startApi } from "./api";
+import { resolveApiAccess } from "./api-token";
+import { createDashboardHandler } from "./dashboard";
 import {
   type DaemonInfo,
   type HomePaths,
@@ -41,6 +48,10 @@ export interface DaemonOptions {
   socket?: string;
   /** API TCP address or "none". The API's Unix socket <home>/run/api.sock is always served. */
   http?: string;
+  /** Allow a non-loopback `http` address (a token is then required; see api-token.ts). */
+  allowRemoteApi?: boolean;
+  /** The token mutating API calls over TCP need; default: the content of <home>/api-token, if any. */
+  apiToken?: string;
   requestBytesMax?: number;
   connectionsMax?: number;
   inflightPerConnectionMax?: number;
@@ -57,6 +68,8 @@ export interface Daemon {
   paths: HomePaths;
   info: DaemonInfo;
   registry: DiskRegistry;
+  /** Whether mutating API calls over TCP need a token. */
+  apiTokenRequired: boolean;
   /** Drain, flush, close, remove run files. Idempotent. */
   stop(): Promise<void>;
 }
@@ -95,6 +108,7 @@ export function formatAddress(address: Address): string {
 }
 
 interface Started {
+  stats?: DaemonStats;
   registry?: DiskRegistry;
   server?: NbdServer;
   jobs?: JobManager;
@@ -113,11 +127,14 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
   if (nbdSocket !== null) checkSocketPath(nbdSocket, "NBD socket");
 
   const { created } = prepareHome(paths);
+  const access = resolveApiAccess(paths, httpTcp, options);
   acquireLock(paths);
   fs.rmSync(paths.daemonFile, { force: true });
+  for (const notice of access.notices) log(notice);
   const started: Started = {};
   try {
-    return await startParts(options, paths, { created, nbdTcp, httpTcp, nbdSocket, log }, started);
+    const plan: Plan = { created, nbdTcp, httpTcp, nbdSocket, apiToken: access.token, log };
+    return await startParts(options, paths, plan, started);
   } catch (err) {
     await stopParts(paths, started, 0, log);
     throw err;
@@ -129,6 +146,7 @@ interface Plan {
   nbdTcp: Address | null;
   httpTcp: Address | null;
   nbdSocket: string | null;
+  apiToken: string | null;
   log: (message: string) => void;
 }
 
@@ -143,8 +161,10 @@ async function startParts(
   if (plan.created && registry.size === 0) {
     await registry.create(limits.defaultDiskName, limits.defaultDiskBytes);
   }
+  const recorder = new StatsRecorder();
   const server = (started.server = new NbdServer({
     exports: registry,
+    monitor: recorder.monitor,
     requestBytesMax: options.requestBytesMax ?? limits.requestBytesMaxDefault,
     connectionsMax: options.connectionsMax ?? limits.connectionsMaxDefault,
     inflightPerConnectionMax: options.inflightPerConnectionMax ?? limits.inflightPerConnectionMaxDefault,
@@ -162,17 +182,30 @@ async function startParts(
     nbd: { tcp: nbdBound, unix: plan.nbdSocket },
     http: { tcp: null, unix: paths.apiSocket },
   };
-  const status = (): object => statusView(paths, info, registry, server, jobs, startedAt);
-  const api = (started.api = await startApi(
-    { registry, jobs, status, log: plan.log },
-    paths.apiSocket,
-    plan.httpTcp,
+  const tokenRequired = plan.apiToken !== null;
+  const status = (): object => statusView(paths, info, registry, server, jobs, startedAt, tokenRequired);
+  const stats = (started.stats = new DaemonStats(
+    { registry, recorder, server, log: plan.log },
+    startedAt.getTime(),
   ));
+  const exporter = new MetricsExporter(() => stats.fresh(), info.version);
+  const ctx: ApiContext = {
+    registry,
+    jobs,
+    status,
+    stats: () => stats.snapshot(),
+    freshStats: () => stats.fresh(),
+    metrics: async () => ({ contentType: exporter.contentType, text: await exporter.text() }),
+    apiToken: plan.apiToken,
+    log: plan.log,
+  };
+  ctx.dashboard = createDashboardHandler(ctx);
+  const api = (started.api = await startApi(ctx, paths.apiSocket, plan.httpTcp));
   info.http.tcp = api.tcp;
   writeDaemonInfo(paths, info);
   let stopping: Promise<void> | null = null;
   const stop = (): Promise<void> => (stopping ??= stopParts(paths, started, limits.drainTimeoutMs, plan.log));
-  return { paths, info, registry, stop };
+  return { paths, info, registry, apiTokenRequired: tokenRequired, stop };
 }
 
 async function listenNbd(server: NbdServer, plan: Plan, started: Started): Promise<Address | null> {
@@ -205,6 +238,7 @@ async function stopParts(
     .catch((err: unknown) => log(`stopping the NBD server: ${String(err)}`));
   await started.jobs?.cancelAll();
   await started.registry?.closeAll(log);
+  started.stats?.close();
   removeRunFiles(paths, [paths.apiSocket, ...(started.nbdSocket ? [started.nbdSocket] : [])]);
 }
 
@@ -215,6 +249,7 @@ function statusView(
   server: NbdServer,
   jobs: JobManager,
   startedAt: Date,
+  tokenRequired: boolean,
 ): object {
   return {
     version: info.version,
@@ -229,7 +264,11 @@ function statusView(
       tcp: info.nbd.tcp ? formatAddress(info.nbd.tcp) : null,
       unix: info.nbd.unix,
     },
-    http: { tcp: info.http.tcp ? formatAddress(info.http.tcp) : null, unix: info.http.unix },
+    http: {
+      tcp: info.http.tcp ? formatAddress(info.http.tcp) : null,
+      unix: info.http.unix,
+      tokenRequired,
+    },
     server: server.stats(),
   };
 }
@@ -244,7 +283,12 @@ export function banner(daemon: Daemon): string[] {
   const { tcp, unix } = daemon.info.nbd;
   if (name !== undefined && tcp) lines.push(`  qemu-img info nbd://${formatAddress(tcp)}/${name}`);
   if (name !== undefined && unix) lines.push(`  qemu-img info "nbd+unix:///${name}?socket=${unix}"`);
-  if (daemon.info.http.tcp) lines.push(`  API: http://${formatAddress(daemon.info.http.tcp)}/v1/status`);
+  if (daemon.info.http.tcp) {
+    const base = `http://${formatAddress(daemon.info.http.tcp)}`;
+    lines.push(`  API: ${base}/v1/status   metrics: ${base}/metrics   live view: vdisk top`);
+    if (daemon.apiTokenRequired)
+      lines.push("  API token required for changes over TCP (Authorization: Bearer TOKEN)");
+  }
   lines.push(`  API socket: ${daemon.info.http.unix}`);
   return lines;
 }

@@ -3,6 +3,7 @@
  *
  *   vdisk.json         home format version ({"format":"vdisk-home","version":1})
  *   catalog.json       the disks (see catalog.ts), replaced atomically
+ *   api-token          optional: the token mutating API calls over TCP must carry (mode 0600)
  *   pools/default/     the default pool: disk files live here
  *   run/lock           pid of the daemon that owns this home (created with O_EXCL; stale pids are detected)
  *   run/nbd.sock       NBD Unix socket          run/api.sock   API Unix socket
@@ -25,6 +26,7 @@ export interface HomePaths {
   root: string;
   versionFile: string;
   catalogFile: string;
+  apiTokenFile: string;
   poolsDir: string;
   defaultPoolDir: string;
   runDir: string;
@@ -60,6 +62,7 @@ export function homePaths(root: string): HomePaths {
     root,
     versionFile: path.join(root, "vdisk.json"),
     catalogFile: path.join(root, "catalog.json"),
+    apiTokenFile: path.join(root, "api-token"),
     poolsDir,
     defaultPoolDir: path.join(poolsDir, defaultPoolName),
     runDir,

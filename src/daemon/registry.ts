@@ -156,6 +156,29 @@ export interface CheckReport {
   dataBytes: number;
 }
 
+/** A disk as the monitor sees it (registry.monitorDisks). */
+export interface MonitorDisk {
+  name: string;
+  format: DiskFormat;
+  pool: string;
+  sizeBytes: number;
+  /** Snapshots of this disk (0 for raw disks). */
+  snapshots: number;
+}
+
+/** An open vdisk image as the monitor sees it (registry.monitorImages). */
+export interface MonitorImage {
+  /** Relative to the home. */
+  file: string;
+  disks: string[];
+  commits: number;
+  regroups: number;
+  fileBytes: number;
+  dataBytes: number;
+  indexBytes: number;
+  freeBytes: number;
+}
+
 export interface DeleteResult {
   deleted: string;
   /** vdisk only: snapshots deleted with the disk, and those kept because other disks descend from them. */
@@ -624,6 +647,67 @@ export class DiskRegistry implements ExportProvider {
       connections: this.layerConnections(image, layer),
       dependents,
     };
+  }
+
+  // ---- Monitor -------------------------------------------------------------------------------------------
+
+  /** Cheap facts about every live disk, by name: no I/O, no index walk (one pass over the layers). */
+  monitorDisks(): MonitorDisk[] {
+    const snapshots = new Map<string, number>();
+    for (const image of this.images.values()) {
+      for (const layer of image.image.layers.values()) {
+        if (layer.kind === "snapshot") snapshots.set(layer.disk, (snapshots.get(layer.disk) ?? 0) + 1);
+      }
+    }
+    return [...this.disks.values()]
+      .filter((disk) => !disk.deleting)
+      .map((disk) => ({
+        name: disk.record.name,
+        format: disk.record.format,
+        pool: disk.record.pool,
+        sizeBytes: disk.device.size,
+        snapshots: disk.image ? (snapshots.get(disk.record.name) ?? 0) : 0,
+      }))
+      .sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  /** Allocated bytes of every live disk. A vdisk disk walks its index: call it sparingly. */
+  async allocatedBytes(): Promise<Map<string, number>> {
+    const result = new Map<string, number>();
+    for (const disk of [...this.disks.values()]) {
+      if (disk.deleting) continue;
+      try {
+        result.set(disk.record.name, (await usageAsync(disk.device)).allocatedBytes);
+      } catch {
+        // closed under us (deleted meanwhile): leave it out
+      }
+    }
+    return result;
+  }
+
+  /** Every open image with its engine counters and space. Walks every index: call it sparingly. */
+  monitorImages(): MonitorImage[] {
+    return [...this.images.values()]
+      .map((open) => {
+        const stats = open.image.stats();
+        return {
+          file: open.file,
+          disks: [...open.disks].sort(),
+          commits: open.image.commits,
+          regroups: open.image.regroups,
+          fileBytes: stats.fileBytes,
+          dataBytes: stats.dataBytes,
+          indexBytes: stats.indexBytes,
+          freeBytes: stats.freeBytes,
+        };
+      })
+      .sort((a, b) => a.file.localeCompare(b.file));
+  }
+
+  /** The pools disks live in, with their directories. */
+  pools(): Array<{ name: string; dir: string }> {
+    const names = new Set([defaultPoolName, ...[...this.disks.values()].map((disk) => disk.record.pool)]);
+    return [...names].sort().map((name) => ({ name, dir: path.join(this.home, "pools", name) }));
   }
 
   // ---- Pins (jobs) ---------------------------------------------------------------------------------------

@@ -233,6 +233,13 @@ export class DaemonFixture {
     return unix;
   }
 
+  /** The API's TCP port (the daemon's --http listener). */
+  get httpPort(): number {
+    const tcp = this.daemonFile().http.tcp;
+    if (tcp === null) throw new Error("the daemon has no HTTP listener");
+    return tcp.port;
+  }
+
   get running(): boolean {
     return this.child !== null && this.child.exitCode === null && this.child.signalCode === null;
   }
@@ -283,9 +290,7 @@ export class DaemonFixture {
 
   /** GET /v1/PATH on the daemon's HTTP API (fast enough to poll while a client runs). */
   async api<T>(apiPath: string): Promise<T> {
-    const tcp = this.daemonFile().http.tcp;
-    if (tcp === null) throw new Error("the daemon has no HTTP listener");
-    const response = await fetch(`http://127.0.0.1:${tcp.port}/v1/${apiPath}`);
+    const response = await fetch(`http://127.0.0.1:${this.httpPort}/v1/${apiPath}`);
     const body = await response.text();
     if (!response.ok) throw new Error(`GET /v1/${apiPath}: HTTP ${response.status}: ${body}`);
     return JSON.parse(body) as T;

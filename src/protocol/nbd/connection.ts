@@ -20,11 +20,17 @@
  * connection; the selection is tied to the export name it was made for. A BLOCK_STATUS request asks all
  * selected contexts at once and counts as one request in flight; its reply is one chunk per context (DONE
  * on the last), or one error chunk if any context failed.
+ *
+ * Monitoring (optional, `ConnectionConfig.monitor`): once in transmission the connection asks the factory
+ * for a RequestMonitor, stamps each request with `begin()` when it is dispatched and calls `end()` exactly
+ * once when its reply is queued (success or error; DISC has no reply and is not counted). In-flight counts
+ * are not pushed: the monitor reads `ConnectionInfo.inflight()` when it samples. Without a monitor the cost
+ * is one null check per request.
  */
 import type { Socket } from "node:net";
 import type { BlockDevice, Capabilities, Extent } from "../../devices/block-device";
 import { ZeroFlags } from "../../devices/block-device";
-import { VdiskError, assert, nbdErrnoOf, type NbdErrnoValue, NbdErrno } from "../../errors";
+import { VdiskError, assert, nbdErrnoOf, type ErrorCode, type NbdErrnoValue, NbdErrno } from "../../errors";
 import * as limits from "../../limits";
 import { ByteQueue } from "./byte-queue";
 import {
@@ -61,7 +67,37 @@ export interface ConnectionConfig {
   inflightMax: number;
   handshakeTimeoutMs: number;
   log: (message: string) => void;
+  /** Per-request accounting (see the file comment); null = none. */
+  monitor: MonitorFactory | null;
 }
+
+/** What a connection tells its monitor when it enters transmission. */
+export interface ConnectionInfo {
+  /** Unique for the server's life. */
+  id: number;
+  /** The canonical export name: DISK or DISK@SNAP. */
+  exportName: string;
+  /** "unix" or "tcp HOST:PORT". */
+  peer: string;
+  /** Requests in flight now; monitors read it when they sample. */
+  inflight(): number;
+}
+
+/** One connection's request accounting. Called for every request: implementations must not allocate. */
+export interface RequestMonitor {
+  /** A timestamp on the monitor's clock, handed back to `end`. */
+  begin(): number;
+  /**
+   * A request's reply was queued. `command` is the NBD command (Cmd.*), `bytes` its length on success and 0
+   * on error, `error` the VdiskError code or null, `start` what `begin()` returned at dispatch.
+   */
+  end(command: number, bytes: number, error: ErrorCode | null, start: number): void;
+  /** The connection is gone (called once). */
+  close(): void;
+}
+
+/** Gives each connection, as it enters transmission, its RequestMonitor. */
+export type MonitorFactory = (connection: ConnectionInfo) => RequestMonitor;
 
 /** Counters shared by all connections of a server. */
 export interface ServerCounters {
@@ -116,6 +152,7 @@ export class Connection {
 
   private handle: ExportHandle | null = null;
   private device: BlockDevice | null = null;
+  private monitor: RequestMonitor | null = null;
   private transmissionFlags = 0;
 
   private inflight = 0;
@@ -464,6 +501,27 @@ export class Connection {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = null;
     this.config.log(`connection ${this.id}: export "${handle.name}" (structured=${this.structured})`);
+    if (this.config.monitor !== null) {
+      const address = this.socket.remoteAddress;
+      const peer =
+        address === undefined
+          ? "unix"
+          : `tcp ${address.includes(":") ? `[${address}]` : address}:${this.socket.remotePort ?? 0}`;
+      this.monitor = this.config.monitor({
+        id: this.id,
+        exportName: handle.name,
+        peer,
+        inflight: () => this.inflight,
+      });
+    }
+  }
+
+  /** Tell the monitor (if any) that `request` got its reply. */
+  private recordReply(request: NbdRequest, err: VdiskError | null): void {
+    const monitor = this.monitor;
+    if (monitor === null) return;
+    if (err === null) monitor.end(request.type, request.length, null, request.startMs);
+    else monitor.end(request.type, 0, err.code, request.startMs);
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -471,6 +529,7 @@ export class Connection {
 
   private dispatch(request: NbdRequest): void {
     this.counters.requests++;
+    if (this.monitor !== null) request.startMs = this.monitor.begin();
     if (this.shuttingDown)
       return this.replyError(request, new VdiskError("SHUTTING_DOWN", "server shutting down"));
     const device = this.device as BlockDevice;
@@ -587,6 +646,7 @@ export class Connection {
   }
 
   private finishRead(request: NbdRequest, reply: Buffer, data: Buffer, holes: number[] | null): void {
+    this.recordReply(request, null);
     if (this.structured && holes && holes.length > 0 && (request.flags & CmdFlag.DF) === 0) {
       this.replySparseRead(request, data, holes);
       return;
@@ -707,6 +767,7 @@ export class Connection {
   }
 
   private replySimple(request: NbdRequest, errno: number): void {
+    if (errno === 0) this.recordReply(request, null); // errors were recorded by replyError
     const reply = Buffer.allocUnsafe(SimpleReplyHeaderBytes);
     writeSimpleHeader(reply, request, errno);
     this.send(reply);
@@ -714,6 +775,7 @@ export class Connection {
 
   private replyReadEmpty(request: NbdRequest): void {
     if (!this.structured) return this.replySimple(request, 0);
+    this.recordReply(request, null);
     const reply = Buffer.allocUnsafe(StructuredReplyHeaderBytes);
     writeStructuredHeader(reply, request, ReplyFlag.DONE, ReplyType.NONE, 0);
     this.send(reply);
@@ -721,6 +783,7 @@ export class Connection {
 
   private replyError(request: NbdRequest, err: VdiskError): void {
     this.counters.errors++;
+    this.recordReply(request, err);
     let errno: NbdErrnoValue = nbdErrnoOf(err);
     // ENOTSUP is only allowed on the wire for FAST_ZERO requests (nbdkit does the same).
     if (
@@ -780,6 +843,7 @@ export class Connection {
       assert(result !== null, "every meta context answered");
       if (result instanceof VdiskError) return this.replyError(request, result);
     }
+    this.recordReply(request, null);
     contexts.forEach((context, index) => {
       const { lengths, flags } = results[index] as ContextExtents;
       const payloadBytes = 4 + 8 * lengths.length;
@@ -823,6 +887,11 @@ export class Connection {
     if (!this.socket.destroyed) this.socket.destroy();
     this.queue.clear();
     this.releaseHandle();
+    if (this.monitor !== null) {
+      const monitor = this.monitor;
+      this.monitor = null;
+      monitor.close();
+    }
     for (const callback of this.onDrainedCallbacks.splice(0)) callback();
     if (!this.forgotten) {
       this.forgotten = true;

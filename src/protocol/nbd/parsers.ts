@@ -105,6 +105,8 @@ export interface NbdRequest {
   payload: Buffer | null;
   /** Set when the request was consumed but must be refused (its payload already discarded). */
   error: "TOO_LARGE" | null;
+  /** The connection's monitor clock when the request was dispatched (0 when nothing monitors it). */
+  startMs: number;
 }
 
 const enum RqState {
@@ -142,6 +144,7 @@ export class RequestParser {
             length: b.readUInt32BE(o + 24),
             payload: null,
             error: null,
+            startMs: 0,
           };
           q.skip(RequestHeaderBytes);
           if (request.type !== Cmd.WRITE || request.length === 0) return request;

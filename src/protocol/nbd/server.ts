@@ -13,7 +13,7 @@ import * as fs from "node:fs";
 import * as net from "node:net";
 import { VdiskError } from "../../errors";
 import * as limits from "../../limits";
-import { Connection, type ServerCounters } from "./connection";
+import { Connection, type MonitorFactory, type ServerCounters } from "./connection";
 import type { ExportProvider } from "./exports";
 
 export interface NbdServerOptions {
@@ -24,6 +24,11 @@ export interface NbdServerOptions {
   inflightPerConnectionMax?: number;
   handshakeTimeoutMs?: number;
   log?: (message: string) => void;
+  /**
+   * Per-request accounting: called once per connection as it enters transmission (see connection.ts).
+   * Absent = no accounting and no cost.
+   */
+  monitor?: MonitorFactory;
 }
 
 export interface NbdServerStats extends ServerCounters {
@@ -125,6 +130,7 @@ export class NbdServer {
         inflightMax: this.inflightPerConnectionMax,
         handshakeTimeoutMs: this.handshakeTimeoutMs,
         log: this.log,
+        monitor: this.options.monitor ?? null,
       },
       this.counters,
       (closed) => this.connections.delete(closed),

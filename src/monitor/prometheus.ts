@@ -1,0 +1,334 @@
+/**
+ * The Prometheus exporter behind `GET /metrics` (text format 0.0.4), built on prom-client.
+ *
+ * One dedicated prom-client Registry per daemon holds prom-client's default metrics (process memory and
+ * CPU, heap, GC, event-loop lag: `process_*`, `nodejs_*`) and vdisk's own families. The vdisk families
+ * are custom metric objects: each renders its samples from the StatsSnapshot taken for the scrape in
+ * progress, so the NBD hot path never touches prom-client — it only bumps the recorder's arrays.
+ * Scrapes are serialised (each one takes its own snapshot, then renders it).
+ *
+ * Every family is documented in docs/metrics.md; keep the two in step.
+ */
+import { type Metric, Registry, collectDefaultMetrics } from "prom-client";
+import { latencyBucketsSeconds, opKinds, type OpKind, type StatsSnapshot } from "./types";
+
+type MetricType = "counter" | "gauge" | "histogram";
+type Labels = Record<string, string>;
+
+interface Sample {
+  /** Defaults to the family's name; histograms use NAME_bucket, NAME_sum, NAME_count. */
+  metricName?: string;
+  labels: Labels;
+  value: number;
+}
+
+interface Family {
+  name: string;
+  help: string;
+  type: MetricType;
+  samples(stats: StatsSnapshot): Sample[];
+}
+
+/** Op kinds as Prometheus label values (snake_case). */
+export const opLabels: Record<OpKind, string> = {
+  read: "read",
+  write: "write",
+  zero: "zero",
+  trim: "trim",
+  flush: "flush",
+  cache: "cache",
+  blockStatus: "block_status",
+};
+
+function perDisk(
+  name: string,
+  help: string,
+  type: MetricType,
+  value: (disk: StatsSnapshot["disks"][number]) => number,
+): Family {
+  return {
+    name,
+    help,
+    type,
+    samples: (stats) => stats.disks.map((disk) => ({ labels: { disk: disk.name }, value: value(disk) })),
+  };
+}
+
+function perOp(name: string, help: string, field: "ops" | "bytes"): Family {
+  return {
+    name,
+    help,
+    type: "counter",
+    samples: (stats) =>
+      stats.disks.flatMap((disk) =>
+        opKinds.map((op) => ({ labels: { disk: disk.name, op: opLabels[op] }, value: disk.ops[op][field] })),
+      ),
+  };
+}
+
+function perClientOp(name: string, help: string, field: "ops" | "bytes"): Family {
+  return {
+    name,
+    help,
+    type: "counter",
+    samples: (stats) =>
+      stats.disks.flatMap((disk) =>
+        disk.clients.flatMap((client) =>
+          opKinds.map((op) => ({
+            labels: { disk: disk.name, export: client.export, client: String(client.id), op: opLabels[op] },
+            value: client.ops[op][field],
+          })),
+        ),
+      ),
+  };
+}
+
+function latencyHistogram(): Family {
+  const name = "vdisk_request_duration_seconds";
+  return {
+    name,
+    help: "Time from a request's dispatch to its reply, by disk and op (ops that had requests).",
+    type: "histogram",
+    samples: (stats) => {
+      const samples: Sample[] = [];
+      for (const disk of stats.disks) {
+        for (const op of opKinds) {
+          const counters = disk.ops[op];
+          if (counters.ops === 0) continue;
+          const labels = { disk: disk.name, op: opLabels[op] };
+          let cumulative = 0;
+          counters.latencyBuckets.forEach((count, index) => {
+            cumulative += count;
+            const bound = latencyBucketsSeconds[index];
+            const le = bound === undefined ? "+Inf" : String(bound);
+            samples.push({ metricName: `${name}_bucket`, labels: { ...labels, le }, value: cumulative });
+          });
+          samples.push({ metricName: `${name}_sum`, labels, value: counters.latencySecondsSum });
+          samples.push({ metricName: `${name}_count`, labels, value: counters.ops });
+        }
+      }
+      return samples;
+    },
+  };
+}
+
+/** vdisk's metric families, in the order they are exposed. */
+export function vdiskFamilies(version: string): Family[] {
+  return [
+    {
+      name: "vdisk_build_info",
+      help: "Always 1; the vdisk version as a label.",
+      type: "gauge",
+      samples: () => [{ labels: { version }, value: 1 }],
+    },
+    perOp("vdisk_requests_total", "NBD requests answered, failed ones included, by disk and op.", "ops"),
+    perOp(
+      "vdisk_request_bytes_total",
+      "Bytes of successful requests by disk and op (read/write: payload; zero/trim/cache/block_status: range).",
+      "bytes",
+    ),
+    {
+      name: "vdisk_request_errors_total",
+      help: "NBD requests answered with an error, by disk and vdisk error code.",
+      type: "counter",
+      samples: (stats) =>
+        stats.disks.flatMap((disk) =>
+          Object.entries(disk.errorsByCode).map(([code, count]) => ({
+            labels: { disk: disk.name, code },
+            value: count,
+          })),
+        ),
+    },
+    latencyHistogram(),
+    perDisk(
+      "vdisk_inflight_requests",
+      "Requests dispatched and not yet answered, by disk.",
+      "gauge",
+      (d) => d.inflight,
+    ),
+    perDisk(
+      "vdisk_connections",
+      "NBD clients connected to the disk or its snapshots.",
+      "gauge",
+      (d) => d.clients.length,
+    ),
+    perDisk("vdisk_disk_size_bytes", "Virtual size of the disk.", "gauge", (d) => d.sizeBytes),
+    perDisk(
+      "vdisk_disk_allocated_bytes",
+      "Bytes of storage the disk's data maps.",
+      "gauge",
+      (d) => d.allocatedBytes,
+    ),
+    perDisk("vdisk_snapshots", "Snapshots of the disk.", "gauge", (d) => d.snapshots),
+    {
+      name: "vdisk_disk_info",
+      help: "Always 1; the disk's format and pool as labels.",
+      type: "gauge",
+      samples: (stats) =>
+        stats.disks.map((disk) => ({
+          labels: { disk: disk.name, format: disk.format, pool: disk.pool ?? "" },
+          value: 1,
+        })),
+    },
+    perClientOp("vdisk_client_requests_total", "Requests of a connected client, by op.", "ops"),
+    perClientOp(
+      "vdisk_client_request_bytes_total",
+      "Bytes of a connected client's successful requests, by op.",
+      "bytes",
+    ),
+    {
+      name: "vdisk_client_inflight_requests",
+      help: "Requests of a connected client not yet answered.",
+      type: "gauge",
+      samples: (stats) =>
+        stats.disks.flatMap((disk) =>
+          disk.clients.map((client) => ({
+            labels: { disk: disk.name, export: client.export, client: String(client.id) },
+            value: client.inflight,
+          })),
+        ),
+    },
+    {
+      name: "vdisk_client_info",
+      help: "Always 1 per connected client; where it comes from as a label.",
+      type: "gauge",
+      samples: (stats) =>
+        stats.disks.flatMap((disk) =>
+          disk.clients.map((client) => ({
+            labels: { disk: disk.name, export: client.export, client: String(client.id), peer: client.peer },
+            value: 1,
+          })),
+        ),
+    },
+    ...poolFamilies(),
+    ...imageFamilies(),
+    {
+      name: "vdisk_nbd_connections",
+      help: "Open NBD connections (handshake included).",
+      type: "gauge",
+      samples: (stats) => [{ labels: {}, value: stats.server.connections }],
+    },
+    {
+      name: "vdisk_nbd_connections_total",
+      help: "NBD connections accepted since the daemon started.",
+      type: "counter",
+      samples: (stats) => [{ labels: {}, value: stats.server.connectionsTotal }],
+    },
+    {
+      name: "vdisk_nbd_connections_refused_total",
+      help: "NBD connections refused (connection limit, shutdown).",
+      type: "counter",
+      samples: (stats) => [{ labels: {}, value: stats.server.connectionsRefused ?? 0 }],
+    },
+    {
+      name: "vdisk_nbd_protocol_errors_total",
+      help: "NBD connections closed for a protocol violation.",
+      type: "counter",
+      samples: (stats) => [{ labels: {}, value: stats.server.protocolErrors }],
+    },
+  ];
+}
+
+function poolFamilies(): Family[] {
+  const pool = (
+    name: string,
+    help: string,
+    field: "capacityBytes" | "usedBytes" | "availableBytes",
+  ): Family => ({
+    name,
+    help,
+    type: "gauge",
+    samples: (stats) => (stats.pools ?? []).map((p) => ({ labels: { pool: p.name }, value: p[field] })),
+  });
+  return [
+    pool("vdisk_pool_capacity_bytes", "Size of the file system holding the pool.", "capacityBytes"),
+    pool(
+      "vdisk_pool_used_bytes",
+      "Bytes used on the file system holding the pool (by anything).",
+      "usedBytes",
+    ),
+    pool(
+      "vdisk_pool_available_bytes",
+      "Bytes still available to the daemon on the pool's file system.",
+      "availableBytes",
+    ),
+  ];
+}
+
+function imageFamilies(): Family[] {
+  type Field = "commits" | "regroups" | "fileBytes" | "dataBytes" | "indexBytes" | "freeBytes";
+  const image = (name: string, help: string, type: MetricType, field: Field): Family => ({
+    name,
+    help,
+    type,
+    samples: (stats) => (stats.images ?? []).map((i) => ({ labels: { image: i.file }, value: i[field] })),
+  });
+  return [
+    image(
+      "vdisk_image_commits_total",
+      "Commits (durable metadata updates) of the image.",
+      "counter",
+      "commits",
+    ),
+    image(
+      "vdisk_image_regroups_total",
+      "Leaves the background regrouping rewrote contiguously.",
+      "counter",
+      "regroups",
+    ),
+    image("vdisk_image_file_bytes", "Size of the image file.", "gauge", "fileBytes"),
+    image("vdisk_image_data_bytes", "Data bytes referenced by the image's layers.", "gauge", "dataBytes"),
+    image("vdisk_image_index_bytes", "Bytes of index nodes of the image.", "gauge", "indexBytes"),
+    image("vdisk_image_free_bytes", "Free bytes inside the image file, reusable.", "gauge", "freeBytes"),
+  ];
+}
+
+export class MetricsExporter {
+  readonly contentType = Registry.PROMETHEUS_CONTENT_TYPE;
+  private readonly registry = new Registry();
+  private current: StatsSnapshot | null = null;
+  private queue: Promise<unknown> = Promise.resolve();
+
+  constructor(
+    private readonly source: () => Promise<StatsSnapshot>,
+    version: string,
+  ) {
+    collectDefaultMetrics({ register: this.registry });
+    for (const family of vdiskFamilies(version)) this.registry.registerMetric(this.metricOf(family));
+  }
+
+  private metricOf(family: Family): Metric {
+    const metric = {
+      name: family.name,
+      help: family.help,
+      type: family.type,
+      aggregator: "sum",
+      get: async () => {
+        const stats = this.current;
+        return {
+          name: family.name,
+          help: family.help,
+          type: family.type,
+          aggregator: "sum",
+          values: stats === null ? [] : family.samples(stats),
+        };
+      },
+      reset: () => undefined,
+    };
+    return metric as unknown as Metric;
+  }
+
+  /** One scrape: a fresh snapshot, then every family rendered from it. */
+  text(): Promise<string> {
+    const scrape = this.queue.then(async () => {
+      this.current = await this.source();
+      try {
+        return await this.registry.metrics();
+      } finally {
+        this.current = null;
+      }
+    });
+    this.queue = scrape.catch(() => undefined);
+    return scrape;
+  }
+}
