@@ -151,6 +151,24 @@ async function create(
   );
 }
 
+async function attach(
+  file: string,
+  name: string,
+  options: CommonOptions & { readOnly?: boolean },
+): Promise<void> {
+  const result = await clientFor(options).post<DiskInfo>("/v1/attach", {
+    file: path.resolve(file),
+    name,
+    readOnly: options.readOnly === true,
+  });
+  output(
+    options,
+    result,
+    (disk) =>
+      `attached ${file} as disk ${disk.name}: ${formatSize(disk.size)}, raw${disk.readOnly ? ", read-only" : ""}, served in place`,
+  );
+}
+
 async function list(options: CommonOptions): Promise<void> {
   const result = await clientFor(options).get<{ disks: DiskInfo[] }>("/v1/disks");
   output(options, result, (data) => diskTable(data.disks));
@@ -427,6 +445,9 @@ export function buildProgram(): Command {
   command(program, "delete <name>", "delete a disk, its data and the snapshots no other disk needs")
     .option("--force", "disconnect the disk's NBD clients first")
     .action(handled(remove));
+  command(program, "attach <file> <name>", "serve an existing raw image file in place, without copying it")
+    .option("--read-only", "serve it read-only")
+    .action(handled(attach));
   command(program, "import <file> <name>", "copy an image file (raw, qcow2) into a new thin disk")
     .option(
       "--format <format>",

@@ -15,6 +15,7 @@
  *   POST   /v1/disks/NAME/snapshots/SNAP/rollback {"force"?} (or ?force=1) → disk
  *   GET    /v1/disks/NAME/tree        the image's layer tree, nested
  *   POST   /v1/disks/NAME/check       {"ok","problems":[...],...} (200 even when problems are found)
+ *   POST   /v1/attach                 {"file","name","readOnly"?} → 201 disk (an existing raw file, served in place)
  *   POST   /v1/import                 {"file","name","format"?} → 202 job   (file: absolute path; auto|raw|qcow2)
  *   POST   /v1/export                 {"name","file","format"?} → 202 job   (name: DISK or DISK@SNAP; raw|qcow2)
  *   GET    /v1/jobs                   {"jobs":[job...]}
@@ -160,6 +161,15 @@ function routes(ctx: ApiContext): Route[] {
       method: "POST",
       pattern: /^\/v1\/disks\/([^/]+)\/check$/,
       handler: async ([name]) => ok(await registry.check(name)),
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/attach$/,
+      handler: async (_p, body) =>
+        ok(
+          await registry.attach(field(body, "file"), field(body, "name"), booleanField(body, "readOnly")),
+          201,
+        ),
     },
     {
       method: "POST",

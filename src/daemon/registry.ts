@@ -800,6 +800,82 @@ export class DiskRegistry implements ExportProvider {
     return disk;
   }
 
+  /**
+   * Serve an existing raw image in place, without copying it: the pool gets a symbolic link
+   * `pools/default/NAME.raw` to the file (so the catalog still only names paths inside the home), and
+   * deleting the disk later removes the link, never the user's file. One file may back one disk only.
+   */
+  async attach(file: string, name: string, readOnly: boolean): Promise<DiskInfo> {
+    validateDiskName(name);
+    if (!path.isAbsolute(file)) {
+      throw new VdiskError("BAD_REQUEST", `the file to attach must be an absolute path, not ${file}`);
+    }
+    return this.exclusive(async () => {
+      this.refuseExisting(name);
+      let target: string;
+      let stat: fs.Stats;
+      try {
+        target = fs.realpathSync(file);
+        stat = fs.statSync(target);
+      } catch (err) {
+        throw new VdiskError(
+          "NOT_FOUND",
+          `cannot attach ${path.basename(file)}: ${(err as NodeJS.ErrnoException).code}`,
+          {
+            hint: "give the path of an existing raw image file",
+          },
+        );
+      }
+      if (!stat.isFile()) {
+        throw new VdiskError("BAD_REQUEST", `${path.basename(file)} is not a regular file`, {
+          hint: "attach serves raw image files; use vdisk import for other formats",
+        });
+      }
+      checkDiskSize(stat.size);
+      for (const disk of this.disks.values()) {
+        if (disk.record.format !== "raw") continue;
+        let other: string;
+        try {
+          other = fs.realpathSync(path.join(this.home, disk.record.file));
+        } catch {
+          continue;
+        }
+        if (other === target) {
+          throw new VdiskError(
+            "DISK_BUSY",
+            `${path.basename(file)} is already served as disk ${disk.record.name}`,
+            {
+              hint: "two disks on one file would corrupt it; use the existing disk",
+            },
+          );
+        }
+      }
+      const relative = path.posix.join("pools", defaultPoolName, `${name}.raw`);
+      const link = path.join(this.home, relative);
+      if (fs.existsSync(link)) throw this.orphanFile(relative);
+      fs.mkdirSync(path.dirname(link), { recursive: true });
+      fs.symlinkSync(target, link);
+      let device: BlockDevice;
+      try {
+        device = await this.openDevice(link, { readOnly });
+      } catch (err) {
+        fs.rmSync(link, { force: true });
+        throw err;
+      }
+      const record = { ...newRecord(name, device.size, "raw", relative), readOnly };
+      const disk = this.addDisk(record, device, null);
+      try {
+        this.save();
+      } catch (err) {
+        this.disks.delete(name);
+        await closeAsync(device).catch(() => undefined);
+        fs.rmSync(link, { force: true });
+        throw err;
+      }
+      return infoOf(disk, false);
+    });
+  }
+
   /** A new image file for a new family: NAME.vdisk, or NAME.2.vdisk, ... when an older family has it. */
   private newImageFile(name: string): string {
     const used = new Set([...this.disks.values()].map((disk) => disk.record.file));
