@@ -445,6 +445,12 @@ test("Clone makes a new disk: it joins the tree and the list", async () => {
   assert.ok(disks.disks.some((disk) => disk.name === "web-clone"));
   await page.click("#nav-disks");
   await waitFor('#disk-rows tr[data-disk="web-clone"]');
+  // The list refreshes its cells on the next stats tick; wait for it rather than race it.
+  await page.waitForFunction(
+    () => document.querySelector('tr[data-disk="web"] td[data-col="snapshots"]')?.textContent === "1",
+    undefined,
+    { timeout: 10_000 },
+  );
   assert.equal(await textOf('tr[data-disk="web"] td[data-col="snapshots"]'), "1");
 });
 
