@@ -19,6 +19,7 @@
  */
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
+import * as http from "node:http";
 import * as os from "node:os";
 import * as path from "node:path";
 
@@ -289,6 +290,36 @@ export class DaemonFixture {
   }
 
   /** GET /v1/PATH on the daemon's HTTP API (fast enough to poll while a client runs). */
+  /**
+   * Any API request on the home's Unix socket, on a fresh connection each time: tests block their event
+   * loop in spawnSync for seconds, so a kept-alive connection could be one the daemon already closed.
+   */
+  apiRequest(method: string, apiPath: string, body?: object): Promise<{ status: number; data: unknown }> {
+    const payload = body === undefined ? undefined : JSON.stringify(body);
+    return new Promise((resolve, reject) => {
+      const headers: http.OutgoingHttpHeaders = payload
+        ? { "content-type": "application/json", "content-length": Buffer.byteLength(payload) }
+        : {};
+      const socketPath = path.join(this.home, "run", "api.sock");
+      const req = http.request(
+        { socketPath, method, path: `/v1/${apiPath}`, headers, agent: false },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on("data", (chunk: Buffer) => chunks.push(chunk));
+          res.on("end", () =>
+            resolve({
+              status: res.statusCode ?? 0,
+              data: JSON.parse(Buffer.concat(chunks).toString("utf8")),
+            }),
+          );
+          res.on("error", reject);
+        },
+      );
+      req.on("error", reject);
+      req.end(payload);
+    });
+  }
+
   async api<T>(apiPath: string): Promise<T> {
     const response = await fetch(`http://127.0.0.1:${this.httpPort}/v1/${apiPath}`);
     const body = await response.text();

@@ -172,29 +172,12 @@ function openStream(): Promise<{ res: http.IncomingMessage; req: http.ClientRequ
   });
 }
 
-/** The API on its Unix socket: no Origin, no browser; a fresh connection each time. */
 function apiRequest(
   method: string,
   apiPath: string,
   body?: object,
 ): Promise<{ status: number; data: unknown }> {
-  const payload = body === undefined ? undefined : JSON.stringify(body);
-  return new Promise((resolve, reject) => {
-    const headers: http.OutgoingHttpHeaders = payload
-      ? { "content-type": "application/json", "content-length": Buffer.byteLength(payload) }
-      : {};
-    const socketPath = path.join(daemon.home, "run", "api.sock");
-    const req = http.request({ socketPath, method, path: `/v1/${apiPath}`, headers, agent: false }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on("data", (chunk: Buffer) => chunks.push(chunk));
-      res.on("end", () =>
-        resolve({ status: res.statusCode ?? 0, data: JSON.parse(Buffer.concat(chunks).toString("utf8")) }),
-      );
-      res.on("error", reject);
-    });
-    req.on("error", reject);
-    req.end(payload);
-  });
+  return daemon.apiRequest(method, apiPath, body);
 }
 
 async function api<T>(apiPath: string): Promise<T> {

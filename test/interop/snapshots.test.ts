@@ -11,7 +11,6 @@ import { after, before, test } from "node:test";
 import * as assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import * as fs from "node:fs";
-import * as http from "node:http";
 import * as path from "node:path";
 import {
   type DaemonFixture,
@@ -92,32 +91,12 @@ function qemuIo(name: string, commands: string[], readOnly = false): void {
   );
 }
 
-/**
- * A request to the daemon's API on its Unix socket, on a fresh connection each time: this file blocks its
- * event loop in spawnSync for seconds, so a kept-alive connection could be one the daemon already closed.
- */
 function apiRequest(
   method: string,
   apiPath: string,
   body?: object,
 ): Promise<{ status: number; data: unknown }> {
-  const payload = body === undefined ? undefined : JSON.stringify(body);
-  return new Promise((resolve, reject) => {
-    const headers: http.OutgoingHttpHeaders = payload
-      ? { "content-type": "application/json", "content-length": Buffer.byteLength(payload) }
-      : {};
-    const socketPath = path.join(daemon.home, "run", "api.sock");
-    const req = http.request({ socketPath, method, path: `/v1/${apiPath}`, headers, agent: false }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on("data", (chunk: Buffer) => chunks.push(chunk));
-      res.on("end", () =>
-        resolve({ status: res.statusCode ?? 0, data: JSON.parse(Buffer.concat(chunks).toString("utf8")) }),
-      );
-      res.on("error", reject);
-    });
-    req.on("error", reject);
-    req.end(payload);
-  });
+  return daemon.apiRequest(method, apiPath, body);
 }
 
 async function api<T>(apiPath: string): Promise<T> {
