@@ -3,7 +3,7 @@
  * with CORRUPT, the home lock, and the registry's create/resize/delete rules (DISK_BUSY, --force, --shrink)
  * on in-memory devices, so no native addon or NBD server is needed.
  */
-import { test } from "node:test";
+import { after, test } from "node:test";
 import * as assert from "node:assert/strict";
 import * as fs from "node:fs";
 import * as os from "node:os";
@@ -22,8 +22,15 @@ import {
 import { acquireLock, homePaths, prepareHome, releaseLock } from "../../src/daemon/home";
 import { type DeviceOpener, DiskRegistry } from "../../src/daemon/registry";
 
+const tempHomes: string[] = [];
+after(() => {
+  for (const home of tempHomes) fs.rmSync(home, { recursive: true, force: true });
+});
+
 function tempHome(): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), "vdisk-catalog-"));
+  const home = fs.mkdtempSync(path.join(os.tmpdir(), "vdisk-catalog-"));
+  tempHomes.push(home);
+  return home;
 }
 
 function isError(code: ErrorCode, pattern?: RegExp): (err: unknown) => boolean {
