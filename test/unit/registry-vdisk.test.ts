@@ -4,7 +4,7 @@
  * rollback, snapshot delete refused while exported, disk delete keeping what other disks build on, removal
  * of the image file with the last disk, and orphan heads (a clone cut short by a crash) removed at load.
  */
-import { test } from "node:test";
+import { after, test } from "node:test";
 import * as assert from "node:assert/strict";
 import * as fs from "node:fs";
 import * as os from "node:os";
@@ -18,8 +18,14 @@ import { loadCatalog, saveCatalog } from "../../src/daemon/catalog";
 import { homePaths, prepareHome } from "../../src/daemon/home";
 import { DiskRegistry } from "../../src/daemon/registry";
 
+const tempHomes: string[] = [];
+after(() => {
+  for (const home of tempHomes) fs.rmSync(home, { recursive: true, force: true });
+});
+
 function tempHome(): string {
   const home = fs.mkdtempSync(path.join(os.tmpdir(), "vdisk-registry-"));
+  tempHomes.push(home);
   prepareHome(homePaths(home));
   return home;
 }
