@@ -157,7 +157,7 @@ export class ImageVolume implements BlockDevice {
 
   /** Zero or trim: whole blocks by index change only, partial edge blocks by read-modify-write. */
   private unmap(offset: number, length: number, type: UnitTypeValue, fua: boolean, done: Done): void {
-    this.mutate(offset, length, fua, done, (firstBlock, blocks, release) => {
+    this.mutate(offset, length, fua, done, (_firstBlock, _blocks, release) => {
       const end = offset + length;
       const wholeStart = Math.ceil(offset / BLOCK_BYTES);
       const wholeEnd = Math.floor(end / BLOCK_BYTES);
@@ -175,8 +175,6 @@ export class ImageVolume implements BlockDevice {
         edges.push([block * BLOCK_BYTES, end]);
       }
       if (edges.length === 0) return release(null);
-      void firstBlock;
-      void blocks;
       let pending = edges.length;
       let failure: VdiskError | null = null;
       for (const [from, to] of edges) {
