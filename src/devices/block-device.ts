@@ -65,6 +65,27 @@ export interface Capabilities {
   extents: boolean;
 }
 
+/**
+ * The capabilities of a device that does everything itself: flush, FUA, trim, zero and fast zero when
+ * writable, one flush for all connections, cache, real extents, not rotational. A fresh object each call
+ * (a device may turn a capability off later, e.g. fast zero when the file system lacks fallocate modes).
+ */
+export function fullCapabilities(readOnly: boolean): Capabilities {
+  const writable = !readOnly;
+  return {
+    readOnly,
+    flush: true,
+    fua: writable,
+    trim: writable,
+    zero: writable,
+    fastZero: writable,
+    multiConn: true,
+    cache: true,
+    rotational: false,
+    extents: true,
+  };
+}
+
 export type Done = (err: VdiskError | null) => void;
 /** `holes`: flat pairs [start, length, start, length, ...] relative to the read buffer, or null. */
 export type ReadDone = (err: VdiskError | null, holes?: number[] | null) => void;

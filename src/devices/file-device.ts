@@ -34,6 +34,7 @@ import {
   type Extent,
   type ExtentsDone,
   ExtentFlags,
+  fullCapabilities,
   type ReadDone,
   ZeroFlags,
 } from "./block-device";
@@ -93,19 +94,7 @@ export class FileDevice implements BlockDevice {
     this.fd = fd;
     this.sizeBytes = size;
     this.native = native;
-    const writable = !readOnly;
-    this.capabilities = {
-      readOnly,
-      flush: true,
-      fua: writable,
-      trim: writable,
-      zero: writable,
-      fastZero: writable,
-      multiConn: true,
-      cache: true,
-      rotational: false,
-      extents: true,
-    };
+    this.capabilities = fullCapabilities(readOnly);
   }
 
   /** Open (or with `create`, create) a raw image file. */

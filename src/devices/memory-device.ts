@@ -24,6 +24,7 @@ import {
   type Extent,
   type ExtentsDone,
   ExtentFlags,
+  fullCapabilities,
   type ReadDone,
   ZeroFlags,
 } from "./block-device";
@@ -63,19 +64,7 @@ export class MemoryDevice implements BlockDevice {
       "memory device size out of range",
     );
     this.sizeBytes = size;
-    const writable = options.readOnly !== true;
-    this.capabilities = {
-      readOnly: !writable,
-      flush: true,
-      fua: writable,
-      trim: writable,
-      zero: writable,
-      fastZero: writable,
-      multiConn: true,
-      cache: true,
-      rotational: false,
-      extents: true,
-    };
+    this.capabilities = fullCapabilities(options.readOnly === true);
   }
 
   get size(): number {

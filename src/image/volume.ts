@@ -24,6 +24,7 @@ import {
   type Extent,
   type ExtentsDone,
   ExtentFlags,
+  fullCapabilities,
   type ReadDone,
   ZeroFlags,
 } from "../devices/block-device";
@@ -42,19 +43,7 @@ export class ImageVolume implements BlockDevice {
     readonly image: Image,
     readonly layer: Layer,
   ) {
-    const readOnly = layer.kind === "snapshot" || image.readOnly;
-    this.capabilities = {
-      readOnly,
-      flush: true,
-      fua: !readOnly,
-      trim: !readOnly,
-      zero: !readOnly,
-      fastZero: !readOnly,
-      multiConn: true,
-      cache: true,
-      rotational: false,
-      extents: true,
-    };
+    this.capabilities = fullCapabilities(layer.kind === "snapshot" || image.readOnly);
   }
 
   get size(): number {
