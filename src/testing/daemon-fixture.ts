@@ -17,6 +17,7 @@
  * `run(cmd, args)` is spawnSync with a timeout; `spawnTool` is its asynchronous twin for tests that run
  * clients in parallel.
  */
+import assert from "node:assert/strict";
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as http from "node:http";
@@ -318,6 +319,20 @@ export class DaemonFixture {
       req.on("error", reject);
       req.end(payload);
     });
+  }
+
+  /** GET on the Unix socket; the reply must be 200. */
+  async apiGet<T>(apiPath: string): Promise<T> {
+    const reply = await this.apiRequest("GET", apiPath);
+    assert.equal(reply.status, 200, `GET /v1/${apiPath}: ${JSON.stringify(reply.data)}`);
+    return reply.data as T;
+  }
+
+  /** POST on the Unix socket; the reply must be a success. */
+  async apiPost<T>(apiPath: string, body: object): Promise<T> {
+    const reply = await this.apiRequest("POST", apiPath, body);
+    assert.ok(reply.status < 300, `POST /v1/${apiPath}: ${reply.status} ${JSON.stringify(reply.data)}`);
+    return reply.data as T;
   }
 
   async api<T>(apiPath: string): Promise<T> {

@@ -172,24 +172,12 @@ function openStream(): Promise<{ res: http.IncomingMessage; req: http.ClientRequ
   });
 }
 
-function apiRequest(
-  method: string,
-  apiPath: string,
-  body?: object,
-): Promise<{ status: number; data: unknown }> {
-  return daemon.apiRequest(method, apiPath, body);
+function api<T>(apiPath: string): Promise<T> {
+  return daemon.apiGet<T>(apiPath);
 }
 
-async function api<T>(apiPath: string): Promise<T> {
-  const reply = await apiRequest("GET", apiPath);
-  assert.equal(reply.status, 200, `GET /v1/${apiPath}: ${JSON.stringify(reply.data)}`);
-  return reply.data as T;
-}
-
-async function apiPost<T>(apiPath: string, body: object): Promise<T> {
-  const reply = await apiRequest("POST", apiPath, body);
-  assert.ok(reply.status < 300, `POST /v1/${apiPath}: ${reply.status} ${JSON.stringify(reply.data)}`);
-  return reply.data as T;
+function apiPost<T>(apiPath: string, body: object): Promise<T> {
+  return daemon.apiPost<T>(apiPath, body);
 }
 
 /** What the page shows that could explain a failed wait: errors, the dialog, the daemon's log. */

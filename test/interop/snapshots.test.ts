@@ -99,16 +99,12 @@ function apiRequest(
   return daemon.apiRequest(method, apiPath, body);
 }
 
-async function api<T>(apiPath: string): Promise<T> {
-  const reply = await apiRequest("GET", apiPath);
-  assert.equal(reply.status, 200, `GET /v1/${apiPath}: ${JSON.stringify(reply.data)}`);
-  return reply.data as T;
+function api<T>(apiPath: string): Promise<T> {
+  return daemon.apiGet<T>(apiPath);
 }
 
-async function apiPost<T>(apiPath: string, body: object): Promise<T> {
-  const reply = await apiRequest("POST", apiPath, body);
-  assert.ok(reply.status < 300, `POST /v1/${apiPath}: ${reply.status} ${JSON.stringify(reply.data)}`);
-  return reply.data as T;
+function apiPost<T>(apiPath: string, body: object): Promise<T> {
+  return daemon.apiPost<T>(apiPath, body);
 }
 
 /** Writes recorded in a model; `model(n)` replays the first n of them. */
