@@ -92,6 +92,16 @@ function positiveInteger(option: string): (value: string) => number {
   };
 }
 
+function nonNegativeInteger(option: string): (value: string) => number {
+  return (value) => {
+    const number = Number(value);
+    if (!/^\d+$/.test(value) || !Number.isSafeInteger(number)) {
+      throw new InvalidArgumentError(`${option} takes a whole number (0 or more), not "${value}"`);
+    }
+    return number;
+  };
+}
+
 function requestBytes(text: string): number {
   const bytes = parseSize(text);
   if (bytes < blockBytesPreferred || bytes > requestBytesMaxCeiling) {
@@ -117,6 +127,7 @@ interface ServeOptions extends CommonOptions {
   maxRequest?: string;
   maxConnections?: number;
   maxInflight?: number;
+  pollUs?: number;
 }
 
 async function serve(options: ServeOptions): Promise<void> {
@@ -130,6 +141,7 @@ async function serve(options: ServeOptions): Promise<void> {
     requestBytesMax: options.maxRequest === undefined ? undefined : requestBytes(options.maxRequest),
     connectionsMax: options.maxConnections,
     inflightPerConnectionMax: options.maxInflight,
+    pollUs: options.pollUs,
   };
   try {
     await runDaemon(daemonOptions, options.json ? "json" : "text");
@@ -426,6 +438,11 @@ export function buildProgram(): Command {
     .option("--max-request <size>", "largest NBD read/write payload (default 32M)")
     .option("--max-connections <n>", "simultaneous NBD connections", positiveInteger("--max-connections"))
     .option("--max-inflight <n>", "NBD requests in flight per connection", positiveInteger("--max-inflight"))
+    .option(
+      "--poll-us <n>",
+      "keep polling this many µs after input before sleeping (QD1 latency; 0 = off, default 50)",
+      nonNegativeInteger("--poll-us"),
+    )
     .action(serve);
   command(program, "create <name>", "create a thin disk")
     .requiredOption("--size <size>", "disk size, e.g. 20G, 512M, 1.5T (binary units)")

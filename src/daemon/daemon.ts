@@ -55,6 +55,8 @@ export interface DaemonOptions {
   requestBytesMax?: number;
   connectionsMax?: number;
   inflightPerConnectionMax?: number;
+  /** Adaptive polling window after NBD input, µs (protocol/nbd/poller.ts); 0 = off. */
+  pollUs?: number;
   handshakeTimeoutMs?: number;
   log?: (message: string) => void;
 }
@@ -169,6 +171,7 @@ async function startParts(
     connectionsMax: options.connectionsMax ?? limits.connectionsMaxDefault,
     inflightPerConnectionMax: options.inflightPerConnectionMax ?? limits.inflightPerConnectionMaxDefault,
     handshakeTimeoutMs: options.handshakeTimeoutMs ?? limits.handshakeTimeoutMsDefault,
+    pollUs: options.pollUs,
     log: plan.log,
   }));
   registry.setDisconnector(server);

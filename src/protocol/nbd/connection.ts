@@ -29,6 +29,7 @@
  */
 import type { Socket } from "node:net";
 import type { BlockDevice, Capabilities, Extent } from "../../devices/block-device";
+import type { Poller } from "./poller";
 import { ZeroFlags } from "../../devices/block-device";
 import { VdiskError, assert, nbdErrnoOf, type ErrorCode, type NbdErrnoValue, NbdErrno } from "../../errors";
 import * as limits from "../../limits";
@@ -69,6 +70,8 @@ export interface ConnectionConfig {
   log: (message: string) => void;
   /** Per-request accounting (see the file comment); null = none. */
   monitor: MonitorFactory | null;
+  /** Keeps the loop polling briefly after input (see poller.ts); null = never. */
+  poller: Poller | null;
 }
 
 /** What a connection tells its monitor when it enters transmission. */
@@ -207,6 +210,7 @@ export class Connection {
   private onData(chunk: Buffer): void {
     if (this.phase === Phase.CLOSED) return;
     this.queue.push(chunk);
+    this.config.poller?.kick();
     this.pump();
   }
 

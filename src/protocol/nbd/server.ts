@@ -15,6 +15,7 @@ import { VdiskError } from "../../errors";
 import * as limits from "../../limits";
 import { Connection, type MonitorFactory, type ServerCounters } from "./connection";
 import type { ExportProvider } from "./exports";
+import { Poller, pollWindowUsDefault, pollWindowUsMax } from "./poller";
 
 export interface NbdServerOptions {
   exports: ExportProvider;
@@ -29,6 +30,8 @@ export interface NbdServerOptions {
    * Absent = no accounting and no cost.
    */
   monitor?: MonitorFactory;
+  /** Adaptive polling window after input, µs (poller.ts); 0 = off. Default pollWindowUsDefault. */
+  pollUs?: number;
 }
 
 export interface NbdServerStats extends ServerCounters {
@@ -55,6 +58,7 @@ export class NbdServer {
   readonly inflightPerConnectionMax: number;
   private readonly handshakeTimeoutMs: number;
   private readonly log: (message: string) => void;
+  private readonly poller: Poller | null;
 
   constructor(private readonly options: NbdServerOptions) {
     this.requestBytesMax = options.requestBytesMax ?? limits.requestBytesMaxDefault;
@@ -63,6 +67,7 @@ export class NbdServer {
       options.inflightPerConnectionMax ?? limits.inflightPerConnectionMaxDefault;
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? limits.handshakeTimeoutMsDefault;
     this.log = options.log ?? (() => {});
+    const pollUs = options.pollUs ?? pollWindowUsDefault;
     const check = (ok: boolean, message: string): void => {
       if (!ok) throw new VdiskError("LIMIT", message);
     };
@@ -77,6 +82,11 @@ export class NbdServer {
       Number.isInteger(this.inflightPerConnectionMax) && this.inflightPerConnectionMax >= 1,
       "in-flight limit must be ≥ 1",
     );
+    check(
+      Number.isInteger(pollUs) && pollUs >= 0 && pollUs <= pollWindowUsMax,
+      `the polling window must be between 0 and ${pollWindowUsMax} µs`,
+    );
+    this.poller = pollUs === 0 ? null : new Poller(pollUs);
   }
 
   /** Listen on TCP; port 0 picks a free port. Resolves to the bound address. */
@@ -131,6 +141,7 @@ export class NbdServer {
         handshakeTimeoutMs: this.handshakeTimeoutMs,
         log: this.log,
         monitor: this.options.monitor ?? null,
+        poller: this.poller,
       },
       this.counters,
       (closed) => this.connections.delete(closed),
