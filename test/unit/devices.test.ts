@@ -1,6 +1,7 @@
 /**
  * The BlockDevice conformance suite (see src/devices/block-device.ts for the contract), run against every
- * backing: MemoryDevice and FileDevice on a real sparse file under os.tmpdir(). No mocks.
+ * backing: MemoryDevice, FileDevice on a real sparse file under os.tmpdir(), and LatencyDevice over a
+ * MemoryDevice (an ssd on the real clock, an hdd on the simulated clock). No mocks.
  *
  * Each backing supplies a factory that opens a fresh device of a given size, and one that reopens it
  * read-only. Checks that depend on the backing's allocation unit (whole 4 KiB blocks become holes) use
@@ -14,6 +15,7 @@ import * as path from "node:path";
 
 import { type BlockDevice, type Extent, ExtentFlags, ZeroFlags } from "../../src/devices/block-device";
 import { FileDevice } from "../../src/devices/file-device";
+import { LatencyDevice, type LatencyDeviceOptions } from "../../src/devices/latency-device";
 import { MemoryDevice } from "../../src/devices/memory-device";
 import {
   blockStatusAsync,
@@ -65,7 +67,24 @@ const backings: Backing[] = [
       return FileDevice.open((device as FileDevice).path, { readOnly: true });
     },
   },
+  latencyBacking("LatencyDevice(MemoryDevice, ssd, real clock)", { model: { kind: "ssd" } }),
+  latencyBacking("LatencyDevice(MemoryDevice, hdd, simulated clock)", {
+    model: { kind: "hdd" },
+    clock: "simulated",
+  }),
 ];
+
+/** A LatencyDevice over a MemoryDevice: the delay must not change what the device does. */
+function latencyBacking(name: string, options: LatencyDeviceOptions): Backing {
+  return {
+    name,
+    create: async (size) => new LatencyDevice(new MemoryDevice(size), options),
+    reopenReadOnly: async (device) => {
+      await closeAsync(device);
+      return new LatencyDevice(new MemoryDevice(device.size, { readOnly: true }), options);
+    },
+  };
+}
 
 function pattern(length: number, seed: number): Buffer {
   const buf = Buffer.alloc(length);
