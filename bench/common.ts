@@ -1,10 +1,19 @@
 /**
- * Helpers shared by the benchmark sections: starting and stopping servers, running fio (nbd engine)
- * and reading its JSON, medians and formatting, and a description of the machine for the results file.
+ * Helpers shared by the benchmark scripts (run.ts, image.ts, and scripts such as a knob study that reuse
+ * the harness): the workload rows, running commands and fio (nbd engine) and reading its JSON, sampling a
+ * process's resident size, medians and formatting, and a description of the machine for the results file.
+ * Paths are taken from __dirname (dist/bench/ once compiled), so the scripts run from any directory.
  */
-import { spawnSync, type ChildProcess } from "node:child_process";
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import * as fs from "node:fs";
 import * as os from "node:os";
+import * as path from "node:path";
+
+/** The repository root (this file runs as dist/bench/common.js). */
+export const ROOT = path.resolve(__dirname, "..", "..");
+export const VDISK_BIN = path.join(ROOT, "bin", "vdisk");
+/** Where results files are kept: the source tree's bench/results/, not dist/. */
+export const RESULTS_DIR = path.join(ROOT, "bench", "results");
 
 export interface Row {
   id: string;
@@ -15,8 +24,30 @@ export interface Row {
   unit: "IOPS" | "GB/s";
 }
 
+/** The workloads of the main table, in the order every server runs them. */
+export const ROWS: Row[] = [
+  { id: "randread-4k-qd1", label: "4K rand read QD1", rw: "randread", bs: "4k", iodepth: 1, unit: "IOPS" },
+  { id: "randread-4k-qd32", label: "4K rand read QD32", rw: "randread", bs: "4k", iodepth: 32, unit: "IOPS" },
+  {
+    id: "randwrite-4k-qd32",
+    label: "4K rand write QD32",
+    rw: "randwrite",
+    bs: "4k",
+    iodepth: 32,
+    unit: "IOPS",
+  },
+  { id: "read-64k-qd8", label: "64K seq read QD8", rw: "read", bs: "64k", iodepth: 8, unit: "GB/s" },
+  { id: "write-1m-qd8", label: "1M seq write QD8", rw: "write", bs: "1m", iodepth: 8, unit: "GB/s" },
+];
+
 export function env(name: string, fallback: string): string {
   return process.env[name] ?? fallback;
+}
+
+/** A whitespace-separated list of arguments from the environment ("" or unset: none). */
+export function envArgs(name: string): string[] {
+  const value = process.env[name]?.trim();
+  return value ? value.split(/\s+/) : [];
 }
 
 export function sleep(ms: number): Promise<void> {
@@ -44,21 +75,49 @@ export function stopChild(child: ChildProcess): Promise<void> {
   });
 }
 
+/** Runs a command to completion, synchronously; throws with its stderr if it fails. */
 export function run(command: string, args: string[]): string {
   const result = spawnSync(command, args, { encoding: "utf8", maxBuffer: 64 * 1024 * 1024 });
   if (result.status !== 0) {
-    throw new Error(`${command} ${args.join(" ")} failed (${result.status}): ${result.stderr}`);
+    const why = result.error ? result.error.message : (result.status ?? result.signal);
+    throw new Error(`${command} ${args.join(" ")} failed (${why}): ${result.stderr}`);
   }
   return result.stdout;
 }
 
-export interface Measurement {
-  value: number;
-  latencyUsMean: number;
+/** Same as run(), without blocking the event loop (timers such as the RSS sampler keep running). */
+export function runAsync(command: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { stdio: ["ignore", "pipe", "pipe"] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on("data", (chunk: Buffer) => out.push(chunk));
+    child.stderr.on("data", (chunk: Buffer) => err.push(chunk));
+    child.on("error", (error) => reject(new Error(`${command} ${args.join(" ")} failed: ${error.message}`)));
+    child.on("close", (code, signal) => {
+      if (code === 0) return resolve(Buffer.concat(out).toString("utf8"));
+      const stderr = Buffer.concat(err).toString("utf8");
+      reject(new Error(`${command} ${args.join(" ")} failed (${code ?? signal}): ${stderr}`));
+    });
+  });
 }
 
-export function fio(uri: string, row: Row, seconds: number, ramp: number, output: string): Measurement {
-  run("fio", [
+export interface Measurement {
+  /** IOPS, or GB/s (10^9 bytes per second) for the GB/s rows. */
+  value: number;
+  latencyUsMean: number;
+  latencyUsP99: number;
+}
+
+/** One fio run of `row` against an NBD URI (fio's nbd engine), `ramp` s warm-up then `seconds` s. */
+export async function fio(
+  uri: string,
+  row: Row,
+  seconds: number,
+  ramp: number,
+  output: string,
+): Promise<Measurement> {
+  await runAsync("fio", [
     "--name=bench",
     "--ioengine=nbd",
     `--uri=${uri}`,
@@ -77,16 +136,98 @@ export function fio(uri: string, row: Row, seconds: number, ramp: number, output
   const job = report.jobs[0];
   const side = row.rw.includes("write") ? job.write : job.read;
   const value = row.unit === "IOPS" ? side.iops : side.bw_bytes / 1e9;
-  return { value, latencyUsMean: side.lat_ns.mean / 1000 };
+  const p99 = side.clat_ns?.percentile?.["99.000000"] ?? 0;
+  return { value, latencyUsMean: side.lat_ns.mean / 1000, latencyUsP99: p99 / 1000 };
 }
 
+/** Resident size and its peak (VmRSS, VmHWM) of a live process, in bytes; null once it is gone. */
+export function readRss(pid: number): { rssBytes: number; peakBytes: number } | null {
+  let status: string;
+  try {
+    status = fs.readFileSync(`/proc/${pid}/status`, "utf8");
+  } catch {
+    return null;
+  }
+  const field = (name: string): number => {
+    const match = new RegExp(`^${name}:\\s+(\\d+) kB`, "m").exec(status);
+    return match ? Number(match[1]) * 1024 : 0;
+  };
+  return { rssBytes: field("VmRSS"), peakBytes: field("VmHWM") };
+}
+
+/** Samples a process's VmRSS every `intervalMs` between start() and stop(); keeps the largest. */
+export class RssSampler {
+  maxBytes = 0;
+  samples = 0;
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly pid: number,
+    private readonly intervalMs = 500,
+  ) {}
+
+  start(): void {
+    this.sample();
+    this.timer = setInterval(() => this.sample(), this.intervalMs);
+  }
+
+  stop(): number {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+    this.sample();
+    return this.maxBytes;
+  }
+
+  private sample(): void {
+    const rss = readRss(this.pid);
+    if (!rss) return;
+    this.samples++;
+    this.maxBytes = Math.max(this.maxBytes, rss.rssBytes);
+  }
+}
+
+/** The median; for an even count, the mean of the two middle values. */
 export function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)] as number;
+  const mid = Math.floor(sorted.length / 2);
+  if (sorted.length % 2 === 1) return sorted[mid] as number;
+  return ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2;
 }
 
 export function format(value: number, unit: Row["unit"]): string {
   return unit === "IOPS" ? `${(value / 1000).toFixed(1)}k` : `${value.toFixed(2)} GB/s`;
+}
+
+export function formatMiB(bytes: number): string {
+  return `${(bytes / 1024 ** 2).toFixed(0)} MiB`;
+}
+
+/** Prints rows of cells as left-aligned columns two spaces apart. */
+export function printTable(lines: string[][]): void {
+  const columns = Math.max(...lines.map((line) => line.length));
+  const widths = Array.from({ length: columns }, (_, i) =>
+    Math.max(...lines.map((line) => (line[i] ?? "").length)),
+  );
+  for (const line of lines) {
+    console.log(
+      line
+        .map((cell, i) => cell.padEnd(widths[i] as number))
+        .join("  ")
+        .trimEnd(),
+    );
+  }
+}
+
+/** Writes the pseudo-random raw master image every server is filled from. */
+export function makeMaster(file: string, sizeBytes: number): void {
+  run("fio", [
+    "--name=fill",
+    `--filename=${file}`,
+    "--rw=write",
+    "--bs=1m",
+    `--size=${sizeBytes}`,
+    "--output=/dev/null",
+  ]);
 }
 
 export function describeMachine(): Record<string, unknown> {
@@ -102,6 +243,8 @@ export function describeMachine(): Record<string, unknown> {
     node: process.version,
     fio: version("fio", ["--version"]),
     qemuNbd: version("qemu-nbd", ["--version"]),
+    qemuImg: version("qemu-img", ["--version"]),
     nbdkit: version("nbdkit", ["--version"]),
+    loadAverageAtStart: os.loadavg(),
   };
 }

@@ -9,76 +9,41 @@
  * - Index bytes for a 64 GiB disk written sequentially and for 1 GiB of random 4 KiB writes (each block
  *   once, on a 1 GiB disk and spread over an 8 GiB disk), measured in-process on an in-memory backing
  *   (written zeros cost no memory there; the index is the same as on a file).
+ *
+ * Unlike the main table, the chain points are measured one after another (median of `runs` runs each),
+ * not interleaved: compare them with each other (the × depth 1 ratios), not with the main table.
+ * The main table has the 64-deep vdisk chain and the 32-deep qcow2 chain with empty layers.
  */
 import { spawn } from "node:child_process";
 import * as fs from "node:fs";
-import * as http from "node:http";
 import * as path from "node:path";
 import { MemoryDevice } from "../src/devices/memory-device";
 import { writeAsync } from "../src/devices/promises";
 import { Image } from "../src/image/image";
 import { ImageVolume } from "../src/image/volume";
 import { Prng } from "../src/testing/prng";
-import { type Row, fio, format, median, run, stopChild, waitForSocket } from "./common";
+import { type Row, ROWS, fio, format, median, run } from "./common";
+import {
+  type BenchContext,
+  addQcow2Overlays,
+  fillOverNbd,
+  fillQcow2Base,
+  startQemuNbd,
+  startVdiskDaemon,
+} from "./servers";
 
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 
 export interface ImageBenchSettings {
-  scratch: string;
-  master: string;
-  sizeBytes: number;
   seconds: number;
   ramp: number;
   runs: number;
-  vdiskBin: string;
 }
 
 export type ImageBenchResults = Record<string, unknown>;
 
-const READ_ROWS: Row[] = [
-  { id: "randread-4k-qd1", label: "4K rand read QD1", rw: "randread", bs: "4k", iodepth: 1, unit: "IOPS" },
-  { id: "randread-4k-qd32", label: "4K rand read QD32", rw: "randread", bs: "4k", iodepth: 32, unit: "IOPS" },
-];
-
-function api(
-  socket: string,
-  method: string,
-  route: string,
-  body?: unknown,
-): Promise<{ status: number; json: unknown }> {
-  return new Promise((resolve, reject) => {
-    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-    const request = http.request(
-      {
-        socketPath: socket,
-        agent: false, // a kept-alive socket may have been closed by the server while qemu-img ran
-        method,
-        path: route,
-        headers: payload ? { "content-type": "application/json", "content-length": payload.length } : {},
-      },
-      (response) => {
-        const chunks: Buffer[] = [];
-        response.on("data", (chunk: Buffer) => chunks.push(chunk));
-        response.on("end", () => {
-          const text = Buffer.concat(chunks).toString("utf8");
-          const status = response.statusCode ?? 0;
-          let json: unknown = null;
-          try {
-            json = JSON.parse(text);
-          } catch {
-            json = text;
-          }
-          if (status >= 400) reject(new Error(`${method} ${route}: ${status} ${text}`));
-          else resolve({ status, json });
-        });
-      },
-    );
-    request.on("error", (err) => reject(new Error(`${method} ${route}: ${err.message}`)));
-    if (payload) request.write(payload);
-    request.end();
-  });
-}
+const READ_ROWS: Row[] = ROWS.filter((row) => row.id === "randread-4k-qd1" || row.id === "randread-4k-qd32");
 
 async function timed(action: () => Promise<unknown>): Promise<number> {
   const start = process.hrtime.bigint();
@@ -86,14 +51,18 @@ async function timed(action: () => Promise<unknown>): Promise<number> {
   return Number(process.hrtime.bigint() - start) / 1e6;
 }
 
-function measure(uri: string, settings: ImageBenchSettings, row: Row): number {
+async function measure(uri: string, dir: string, settings: ImageBenchSettings, row: Row): Promise<number> {
   const values: number[] = [];
   for (let i = 0; i < settings.runs; i++) {
-    values.push(
-      fio(uri, row, settings.seconds, settings.ramp, path.join(settings.scratch, "fio.json")).value,
-    );
+    values.push((await fio(uri, row, settings.seconds, settings.ramp, path.join(dir, "fio.json"))).value);
   }
   return median(values);
+}
+
+async function measureReads(uri: string, dir: string, settings: ImageBenchSettings) {
+  const figures: Record<string, number> = {};
+  for (const row of READ_ROWS) figures[row.id] = await measure(uri, dir, settings, row);
+  return figures;
 }
 
 /** Write 1 MiB of layer-specific data at a pseudo-random offset (qemu-io, over NBD or on a qcow2). */
@@ -102,22 +71,25 @@ function layerWrite(target: string, format: "raw" | "qcow2", layer: number, size
   run("qemu-io", ["-f", format, "-c", `write -P ${layer % 250} ${offset} 1M`, target]);
 }
 
-export async function runImageBench(settings: ImageBenchSettings): Promise<ImageBenchResults> {
+export async function runImageBench(
+  ctx: BenchContext,
+  settings: ImageBenchSettings,
+): Promise<ImageBenchResults> {
   const results: ImageBenchResults = {};
-  const home = path.join(settings.scratch, "image-home");
-  const nbdSocket = path.join(settings.scratch, "image.sock");
-  const child = spawn(
-    process.execPath,
-    [settings.vdiskBin, "serve", "--home", home, "--listen", "none", "--http", "none", "--socket", nbdSocket],
-    { stdio: ["ignore", "ignore", fs.openSync(path.join(settings.scratch, "image-daemon.log"), "a")] },
+  const dir = path.join(ctx.scratch, "image");
+  fs.mkdirSync(path.join(ctx.scratch, "logs"), { recursive: true });
+  fs.mkdirSync(dir, { recursive: true });
+  const daemon = await startVdiskDaemon(
+    path.join(dir, "home"),
+    path.join(dir, "nbd.sock"),
+    path.join(ctx.scratch, "logs", "image-daemon.log"),
+    ctx.vdiskArgs,
   );
-  const apiSocket = path.join(home, "run", "api.sock");
   try {
-    await waitForSocket(path.join(home, "run", "daemon.json"), child, "vdisk serve");
-    const size = settings.sizeBytes;
-    await api(apiSocket, "POST", "/v1/disks", { name: "chain", size, format: "vdisk" });
-    const uri = `nbd+unix:///chain?socket=${nbdSocket}`;
-    run("qemu-img", ["convert", "-n", "-f", "raw", "-O", "raw", "-W", settings.master, uri]);
+    const size = ctx.sizeBytes;
+    daemon.createDisk("chain", size, "vdisk", ctx.vdiskSet);
+    const uri = daemon.diskUri("chain");
+    await fillOverNbd(ctx.master, uri);
 
     // Chains: vdisk at depth 1, 64, 256.
     const chain: Record<string, Record<string, number>> = {};
@@ -125,58 +97,41 @@ export async function runImageBench(settings: ImageBenchSettings): Promise<Image
     for (const target of [1, 64, 256]) {
       while (depth < target) {
         depth++;
-        await api(apiSocket, "POST", "/v1/disks/chain/snapshots", { name: `c${depth}` });
+        await daemon.api("POST", "/v1/disks/chain/snapshots", { name: `c${depth}` });
         layerWrite(uri, "raw", depth, size);
       }
-      chain[`vdisk depth ${target}`] = Object.fromEntries(
-        READ_ROWS.map((row) => [row.id, measure(uri, settings, row)]),
-      );
+      chain[`vdisk depth ${target}`] = await measureReads(uri, dir, settings);
       process.stdout.write(
         `vdisk chain depth ${target}: ${JSON.stringify(chain[`vdisk depth ${target}`])}\n`,
       );
     }
-    // qcow2 chains at depth 1 and 64.
-    const base = path.join(settings.scratch, "chain-0.qcow2");
-    run("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", settings.master, base]);
-    let top = base;
+    // qcow2 chains at depth 1 and 64: a base filled through qemu-nbd, then overlays.
+    let top = path.join(dir, "base.qcow2");
+    await fillQcow2Base(ctx, top, path.join(dir, "qcow2.sock"));
     let qdepth = 0;
     for (const target of [1, 64]) {
-      while (qdepth < target) {
-        qdepth++;
-        const next = path.join(settings.scratch, `chain-${qdepth}.qcow2`);
-        run("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", top, next]);
-        layerWrite(next, "qcow2", qdepth, size);
-        top = next;
-      }
-      const socket = path.join(settings.scratch, "qcow2.sock");
-      const server = spawn(
-        "qemu-nbd",
-        ["-f", "qcow2", "-t", "-e", "8", "--cache=writeback", "-k", socket, top],
-        {
-          stdio: "ignore",
-        },
+      top = addQcow2Overlays(top, dir, qdepth + 1, target, (file, layer) =>
+        layerWrite(file, "qcow2", layer, size),
       );
+      qdepth = target;
+      const server = await startQemuNbd(top, "qcow2", "threads", path.join(dir, "qcow2.sock"));
       try {
-        await waitForSocket(socket, server, "qemu-nbd");
-        const qemuUri = `nbd+unix:///?socket=${socket}`;
-        chain[`qcow2 depth ${target}`] = Object.fromEntries(
-          READ_ROWS.map((row) => [row.id, measure(qemuUri, settings, row)]),
-        );
+        chain[`qcow2 depth ${target}`] = await measureReads(server.uri, dir, settings);
         process.stdout.write(
           `qcow2 chain depth ${target}: ${JSON.stringify(chain[`qcow2 depth ${target}`])}\n`,
         );
       } finally {
-        await stopChild(server);
+        await server.stop();
       }
     }
-    for (let i = 0; i <= qdepth; i++)
-      fs.rmSync(path.join(settings.scratch, `chain-${i}.qcow2`), { force: true });
+    for (const file of fs.readdirSync(dir).filter((name) => name.endsWith(".qcow2")))
+      fs.rmSync(path.join(dir, file), { force: true });
     results.chain = chain;
 
     // Snapshot create: idle, then under a fio random-write load on the same disk.
     const idle: number[] = [];
     for (let i = 0; i < 20; i++) {
-      idle.push(await timed(() => api(apiSocket, "POST", "/v1/disks/chain/snapshots", { name: `idle${i}` })));
+      idle.push(await timed(() => daemon.api("POST", "/v1/disks/chain/snapshots", { name: `idle${i}` })));
     }
     const loaded: number[] = [];
     const load = spawn(
@@ -196,9 +151,7 @@ export async function runImageBench(settings: ImageBenchSettings): Promise<Image
     );
     await new Promise((resolve) => setTimeout(resolve, 2000));
     for (let i = 0; i < 20; i++) {
-      loaded.push(
-        await timed(() => api(apiSocket, "POST", "/v1/disks/chain/snapshots", { name: `load${i}` })),
-      );
+      loaded.push(await timed(() => daemon.api("POST", "/v1/disks/chain/snapshots", { name: `load${i}` })));
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
     load.kill("SIGTERM");
@@ -211,8 +164,8 @@ export async function runImageBench(settings: ImageBenchSettings): Promise<Image
     };
 
     // Snapshot delete of a snapshot that alone holds 1 GiB.
-    await api(apiSocket, "POST", "/v1/disks", { name: "del", size: 2 * GiB, format: "vdisk" });
-    const delUri = `nbd+unix:///del?socket=${nbdSocket}`;
+    daemon.createDisk("del", 2 * GiB, "vdisk", ctx.vdiskSet);
+    const delUri = daemon.diskUri("del");
     const fill = (pattern: number): void =>
       void run("fio", [
         "--name=fill",
@@ -226,15 +179,15 @@ export async function runImageBench(settings: ImageBenchSettings): Promise<Image
         "--output=/dev/null",
       ]);
     fill(0x11);
-    await api(apiSocket, "POST", "/v1/disks/del/snapshots", { name: "holds1g" });
+    await daemon.api("POST", "/v1/disks/del/snapshots", { name: "holds1g" });
     fill(0x22); // the head now owns its own copy; holds1g alone references the first GiB
-    await api(apiSocket, "POST", "/v1/disks/del/snapshots", { name: "after" });
+    await daemon.api("POST", "/v1/disks/del/snapshots", { name: "after" });
     results.snapshotDeleteMs = {
-      holding1GiB: await timed(() => api(apiSocket, "DELETE", "/v1/disks/del/snapshots/holds1g")),
+      holding1GiB: await timed(() => daemon.api("DELETE", "/v1/disks/del/snapshots/holds1g")),
     };
   } finally {
-    await stopChild(child);
-    fs.rmSync(home, { recursive: true, force: true });
+    await daemon.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
   }
 
   results.indexBytes = await indexBytes();

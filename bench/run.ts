@@ -1,296 +1,378 @@
 /**
- * `npm run bench`: the same fio workloads (fio's nbd engine, over a Unix socket) against vdisk and its
- * peers in one run, side by side, with ratios. Performance claims come from here, never from tests.
+ * `npm run bench` (also `node dist/bench/run.js` from any directory): the same fio workloads (fio's nbd
+ * engine, over a Unix socket) against vdisk and its peers in one run, side by side, with ratios.
+ * Performance claims come from here, never from tests. See ../shared/ANCHORS.md for measuring pitfalls.
  *
- * Servers (each starts on an empty disk and is filled with one pseudo-random raw image through itself,
- * over NBD, so every server's page cache is filled by its own writes — see ../shared/ANCHORS.md for why
- * how the page cache was filled matters so much to 4 KiB writes):
- *   vdisk raw            `vdisk serve`, a raw disk filled over NBD by qemu-img convert
- *   vdisk image          the same with a vdisk-format (copy-on-write) disk
- *   qemu-nbd raw         qemu-nbd -f raw -t -e 8 --cache=writeback --aio=threads
- *   qemu-nbd io_uring    same with --aio=io_uring
- *   qemu-nbd qcow2       qemu-nbd on a qcow2 copy (the peer of the vdisk image)
- *   nbdkit file          nbdkit file plugin
- * Rows: 4 KiB random read QD1 and QD32, 4 KiB random write QD32, 64 KiB sequential read QD8,
- * 1 MiB sequential write QD8. Each figure is the median of BENCH_RUNS runs.
+ * Servers (servers.ts). Each starts on an empty disk in a directory of its own and is filled with one
+ * pseudo-random raw image through itself, over NBD (qemu-img convert), so every server's page cache is
+ * filled by its own writes — how the page cache was filled changes 4 KiB write speed several-fold:
+ *   vdisk                 vdisk raw: `vdisk serve`, a raw disk
+ *   vdisk-image           vdisk image: the same with a vdisk-format (copy-on-write) disk
+ *   vdisk-chain           vdisk image, 64-deep chain: the image filled, then 64 snapshots taken; the disk
+ *                         stays the writable head, so every read finds its data at the bottom of the chain
+ *   qemu-nbd              qemu-nbd -f raw -t -e 8 --cache=writeback --aio=threads
+ *   qemu-nbd-uring        the same with --aio=io_uring
+ *   qemu-nbd-qcow2        qemu-nbd on a qcow2 image (the peer of the vdisk image)
+ *   qemu-nbd-qcow2-chain  a qcow2 base filled through qemu-nbd, 32 empty overlays on it
+ *                         (qemu-img create -b), the top served like qemu-nbd-qcow2
+ *   nbdkit                nbdkit file plugin
+ * Rows: 4 KiB random read QD1 and QD32, 4 KiB random write QD32, 64 KiB sequential read QD8, 1 MiB
+ * sequential write QD8, each BENCH_SECONDS after BENCH_RAMP seconds of warm-up.
  *
- * Environment: BENCH_SIZE (default 4G), BENCH_SECONDS (10), BENCH_RAMP (2), BENCH_RUNS (3),
- * BENCH_SERVERS (comma list of ids to run), BENCH_ROWS (comma list of row ids), BENCH_DIR (scratch dir),
- * BENCH_SECTIONS ("servers,image" by default; image = snapshot chains, snapshot timings, index size — see
- * image.ts), BENCH_KEEP=1 keeps the scratch dir (daemon logs) for a post-mortem.
- * Results: a table on stdout and JSON in bench/results/<timestamp>.json with the machine's description.
+ * Interleaved passes, against drift (the machine's speed wanders over a long run, so servers measured
+ * one after another are not comparable): BENCH_RUNS passes; in each pass every server in turn is started,
+ * filled, synced (syncfs, so no server runs its rows during the writeback of its own fill), measured on
+ * every row once and stopped, and its files deleted (which drops their page cache: only the master and
+ * one server's copy are ever cached). Odd passes go through the servers in reverse order. Each figure is
+ * the median over the passes.
+ *
+ * Printed: a table of figures (median, ± half the spread across passes, QD1 latency, the server
+ * process's largest VmRSS sampled every 500 ms during its fio runs), then a table of ratios: each vdisk
+ * server ÷ the best peer on the row (named), and the pairs vdisk raw ÷ qemu-nbd (threads), vdisk image ÷
+ * qemu-nbd qcow2, vdisk chain ÷ qemu-nbd qcow2 chain; then "daemon RSS max" of each vdisk server.
+ * Higher is better on every row, so a ratio above 1 means vdisk is faster.
+ *
+ * Environment:
+ *   BENCH_SIZE       image size (default 4G; one server copy exists at a time, plus the master)
+ *   BENCH_SECONDS    seconds per fio run (10)          BENCH_RAMP   fio warm-up seconds (2)
+ *   BENCH_RUNS       passes (3); figures are medians over the passes
+ *   BENCH_SERVERS    comma list of server ids (default: all above)
+ *   BENCH_ROWS       comma list of row ids (randread-4k-qd1, randread-4k-qd32, randwrite-4k-qd32,
+ *                    read-64k-qd8, write-1m-qd8)
+ *   BENCH_SECTIONS   "servers,image" (default); image = reads at the bottom of snapshot chains of several
+ *                    depths, snapshot create/delete times, index size (image.ts), not interleaved
+ *   BENCH_VDISK_ARGS extra arguments appended to `vdisk serve` (e.g. "--index-cache 16M")
+ *   BENCH_VDISK_SET  if set, `vdisk set --home H DISK <these arguments>` runs after each vdisk disk is
+ *                    created (e.g. "--merge off --queue-depth 8"); the bench fails if it fails
+ *   BENCH_DIR        where the scratch directory is made (default: the OS temp dir)
+ *   BENCH_KEEP=1     keep the scratch directory (daemon logs in logs/) for a post-mortem
+ * Results: the tables on stdout, and JSON in bench/results/<timestamp>.json: the machine's description,
+ * the settings, per server and row every pass's figure, the median, latencies (mean and p99), RSS, the
+ * order of each pass, the best peer and the ratios per row.
  */
-import { spawn } from "node:child_process";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { parseSize } from "../src/util/size";
 import { printImageResults, runImageBench, type ImageBenchResults } from "./image";
-import { type Row, describeMachine, env, fio, format, median, run, stopChild, waitForSocket } from "./common";
+import {
+  type Row,
+  RESULTS_DIR,
+  ROOT,
+  ROWS,
+  describeMachine,
+  env,
+  envArgs,
+  format,
+  formatMiB,
+  makeMaster,
+  median,
+  printTable,
+  run,
+} from "./common";
+import { type BenchContext, type Server, type ServerPass, SERVERS, measureServer } from "./servers";
 
-const root = path.resolve(__dirname, "..", "..");
-const vdiskBin = path.join(root, "bin", "vdisk");
-
-const ROWS: Row[] = [
-  { id: "randread-4k-qd1", label: "4K rand read QD1", rw: "randread", bs: "4k", iodepth: 1, unit: "IOPS" },
-  { id: "randread-4k-qd32", label: "4K rand read QD32", rw: "randread", bs: "4k", iodepth: 32, unit: "IOPS" },
-  {
-    id: "randwrite-4k-qd32",
-    label: "4K rand write QD32",
-    rw: "randwrite",
-    bs: "4k",
-    iodepth: 32,
-    unit: "IOPS",
-  },
-  { id: "read-64k-qd8", label: "64K seq read QD8", rw: "read", bs: "64k", iodepth: 8, unit: "GB/s" },
-  { id: "write-1m-qd8", label: "1M seq write QD8", rw: "write", bs: "1m", iodepth: 8, unit: "GB/s" },
+/** The one-to-one comparisons printed next to the best-peer ratios. */
+const PAIRS = [
+  { vdisk: "vdisk", peer: "qemu-nbd", header: "raw ÷ qemu-nbd" },
+  { vdisk: "vdisk-image", peer: "qemu-nbd-qcow2", header: "image ÷ qcow2" },
+  { vdisk: "vdisk-chain", peer: "qemu-nbd-qcow2-chain", header: "chain ÷ qcow2 chain" },
 ];
+const SHORT: Record<string, string> = { vdisk: "raw", "vdisk-image": "image", "vdisk-chain": "chain" };
 
-/**
- * A server under test. `start` serves an EMPTY disk of `sizeBytes` (backed by a file under `scratch`);
- * the harness then fills it with the master image through that very server (qemu-img convert over NBD),
- * so every server's page cache is filled the same way, by its own writes.
- */
-interface Server {
+interface RowResult {
+  /** One figure per pass, in pass order (IOPS, or GB/s). */
+  passes: number[];
+  median: number;
+  /** Half the range across passes, in % of the median. */
+  spreadPercent: number;
+  latencyUsMean: number;
+  latencyUsP99: number;
+  latencyUsMeanPasses: number[];
+  latencyUsP99Passes: number[];
+}
+
+interface ServerResult {
   id: string;
   label: string;
-  start(
-    sizeBytes: number,
-    socket: string,
-    scratch: string,
-  ): Promise<{ uri: string; stop: () => Promise<void> }>;
+  kind: Server["kind"];
+  rows: Record<string, RowResult>;
+  /** Largest VmRSS sample during the fio runs, over all passes, and per pass. */
+  rssMaxBytes: number;
+  rssMaxBytesPasses: number[];
+  /** VmHWM before stopping (peak over the server's life, its fill included), largest over passes. */
+  rssPeakBytes: number;
+  prepareSecondsPasses: number[];
+  syncSecondsPasses: number[];
 }
 
-function emptyRaw(scratch: string, id: string, sizeBytes: number): string {
-  const file = path.join(scratch, `${id}.raw`);
-  fs.closeSync(fs.openSync(file, "w"));
-  fs.truncateSync(file, sizeBytes);
-  return file;
+interface RowComparison {
+  bestPeer: string | null;
+  bestPeerValue: number | null;
+  /** vdisk server id → its figure ÷ the best peer's. */
+  vsBestPeer: Record<string, number>;
+  /** "vdisk/peer" → ratio, for the PAIRS measured. */
+  pairs: Record<string, number>;
 }
 
-function qemuNbd(id: string, label: string, aio: string): Server {
-  return {
-    id,
-    label,
-    async start(sizeBytes, socket, scratch) {
-      const image = emptyRaw(scratch, id, sizeBytes);
-      const child = spawn(
-        "qemu-nbd",
-        ["-f", "raw", "-t", "-e", "8", "--cache=writeback", `--aio=${aio}`, "-k", socket, image],
-        { stdio: "ignore" },
-      );
-      await waitForSocket(socket, child, "qemu-nbd");
-      return {
-        uri: `nbd+unix:///?socket=${socket}`,
-        stop: async () => {
-          await stopChild(child);
-          fs.rmSync(image, { force: true });
-        },
-      };
-    },
+function pick<T extends { id: string }>(all: T[], filter: string[] | undefined, what: string): T[] {
+  if (!filter) return all;
+  const unknown = filter.filter((id) => !all.some((item) => item.id === id));
+  if (unknown.length > 0) {
+    throw new Error(
+      `unknown ${what} ${unknown.join(", ")} (known: ${all.map((item) => item.id).join(", ")})`,
+    );
+  }
+  return all.filter((item) => filter.includes(item.id));
+}
+
+function summarize(server: Server, passes: ServerPass[], rows: Row[]): ServerResult {
+  const result: ServerResult = {
+    id: server.id,
+    label: server.label,
+    kind: server.kind,
+    rows: {},
+    rssMaxBytes: Math.max(0, ...passes.map((p) => p.rssMaxBytes)),
+    rssMaxBytesPasses: passes.map((p) => p.rssMaxBytes),
+    rssPeakBytes: Math.max(0, ...passes.map((p) => p.rssPeakBytes)),
+    prepareSecondsPasses: passes.map((p) => p.prepareSeconds),
+    syncSecondsPasses: passes.map((p) => p.syncSeconds),
   };
+  for (const row of rows) {
+    const measured = passes.map((p) => p.rows[row.id]).filter((m) => m !== undefined);
+    if (measured.length === 0) continue;
+    const values = measured.map((m) => m.value);
+    const mid = median(values);
+    result.rows[row.id] = {
+      passes: values,
+      median: mid,
+      spreadPercent: mid > 0 ? (50 * (Math.max(...values) - Math.min(...values))) / mid : 0,
+      latencyUsMean: median(measured.map((m) => m.latencyUsMean)),
+      latencyUsP99: median(measured.map((m) => m.latencyUsP99)),
+      latencyUsMeanPasses: measured.map((m) => m.latencyUsMean),
+      latencyUsP99Passes: measured.map((m) => m.latencyUsP99),
+    };
+  }
+  return result;
 }
 
-function vdiskServer(id: string, label: string, format: "raw" | "vdisk"): Server {
-  return {
-    id,
-    label,
-    async start(sizeBytes, socket, scratch) {
-      const home = path.join(scratch, `${id}-home`);
-      const child = spawn(
-        process.execPath,
-        [vdiskBin, "serve", "--home", home, "--listen", "none", "--http", "none", "--socket", socket],
-        { stdio: ["ignore", "ignore", fs.openSync(path.join(scratch, `${id}.log`), "a")] },
-      );
-      await waitForSocket(path.join(home, "run", "daemon.json"), child, "vdisk serve");
-      run(process.execPath, [
-        vdiskBin,
-        "create",
-        "--home",
-        home,
-        "bench",
-        "--size",
-        String(sizeBytes),
-        "--format",
-        format,
-      ]);
-      const uri = `nbd+unix:///bench?socket=${socket}`;
-      return {
-        uri,
-        stop: async () => {
-          await stopChild(child);
-          fs.rmSync(home, { recursive: true, force: true });
-        },
-      };
-    },
-  };
+function compare(results: Record<string, ServerResult>, servers: Server[], row: Row): RowComparison {
+  const figure = (id: string): number | undefined => results[id]?.rows[row.id]?.median;
+  let bestPeer: string | null = null;
+  for (const server of servers) {
+    if (server.kind !== "peer") continue;
+    const value = figure(server.id);
+    if (value !== undefined && (bestPeer === null || value > (figure(bestPeer) as number)))
+      bestPeer = server.id;
+  }
+  const bestPeerValue = bestPeer === null ? null : (figure(bestPeer) as number);
+  const vsBestPeer: Record<string, number> = {};
+  for (const server of servers) {
+    const value = figure(server.id);
+    if (server.kind === "vdisk" && value !== undefined && bestPeerValue)
+      vsBestPeer[server.id] = value / bestPeerValue;
+  }
+  const pairs: Record<string, number> = {};
+  for (const pair of PAIRS) {
+    const a = figure(pair.vdisk);
+    const b = figure(pair.peer);
+    if (a !== undefined && b) pairs[`${pair.vdisk}/${pair.peer}`] = a / b;
+  }
+  return { bestPeer, bestPeerValue, vsBestPeer, pairs };
 }
 
-const SERVERS: Server[] = [
-  vdiskServer("vdisk", "vdisk raw", "raw"),
-  vdiskServer("vdisk-image", "vdisk image", "vdisk"),
-  qemuNbd("qemu-nbd", "qemu-nbd raw (threads)", "threads"),
-  qemuNbd("qemu-nbd-uring", "qemu-nbd raw io_uring", "io_uring"),
-  {
-    id: "qemu-nbd-qcow2",
-    label: "qemu-nbd qcow2",
-    async start(sizeBytes, socket, scratch) {
-      const qcow2 = path.join(scratch, "bench.qcow2");
-      run("qemu-img", ["create", "-q", "-f", "qcow2", qcow2, String(sizeBytes)]);
-      const child = spawn(
-        "qemu-nbd",
-        ["-f", "qcow2", "-t", "-e", "8", "--cache=writeback", "--aio=threads", "-k", socket, qcow2],
-        { stdio: "ignore" },
-      );
-      await waitForSocket(socket, child, "qemu-nbd");
-      return {
-        uri: `nbd+unix:///?socket=${socket}`,
-        stop: async () => {
-          await stopChild(child);
-          fs.rmSync(qcow2, { force: true });
-        },
-      };
-    },
-  },
-  {
-    id: "nbdkit",
-    label: "nbdkit file",
-    async start(sizeBytes, socket, scratch) {
-      const image = emptyRaw(scratch, "nbdkit", sizeBytes);
-      const child = spawn("nbdkit", ["--foreground", "--unix", socket, "file", `file=${image}`], {
-        stdio: "ignore",
-      });
-      await waitForSocket(socket, child, "nbdkit");
-      return {
-        uri: `nbd+unix:///?socket=${socket}`,
-        stop: async () => {
-          await stopChild(child);
-          fs.rmSync(image, { force: true });
-        },
-      };
-    },
-  },
-];
+function printFigures(
+  results: Record<string, ServerResult>,
+  servers: Server[],
+  rows: Row[],
+  runs: number,
+): void {
+  console.log(
+    `\nFigures (median of ${runs} interleaved pass${runs === 1 ? "" : "es"}` +
+      `${runs > 1 ? ", ± half the spread across passes" : ""}; QD1 with mean latency;` +
+      " RSS max: the server process's largest VmRSS, sampled every 500 ms during its fio runs):",
+  );
+  const lines = [["server", ...rows.map((row) => row.label), "RSS max"]];
+  for (const server of servers) {
+    const result = results[server.id];
+    const cells = [server.label];
+    for (const row of rows) {
+      const r = result?.rows[row.id];
+      if (!r) {
+        cells.push("-");
+        continue;
+      }
+      let cell = format(r.median, row.unit);
+      if (row.iodepth === 1) cell += ` (${r.latencyUsMean.toFixed(0)} µs)`;
+      if (runs > 1) cell += ` ±${r.spreadPercent.toFixed(0)}%`;
+      cells.push(cell);
+    }
+    cells.push(result?.rssMaxBytes ? formatMiB(result.rssMaxBytes) : "-");
+    lines.push(cells);
+  }
+  printTable(lines);
+}
+
+function printRatios(
+  comparisons: Record<string, RowComparison>,
+  results: Record<string, ServerResult>,
+  servers: Server[],
+  rows: Row[],
+): void {
+  const vdisks = servers.filter((s) => s.kind === "vdisk");
+  const pairs = PAIRS.filter((pair) => results[pair.vdisk] && results[pair.peer]);
+  if (vdisks.length === 0 || (servers.length === vdisks.length && pairs.length === 0)) return;
+  const label = (id: string): string => servers.find((s) => s.id === id)?.label ?? id;
+  console.log("\nRatios (every row: higher is better, so > 1 means vdisk is faster):");
+  const lines = [
+    [
+      "row",
+      "best peer",
+      ...vdisks.map((s) => `${SHORT[s.id] ?? s.id} ÷ best`),
+      ...pairs.map((p) => p.header),
+    ],
+  ];
+  const ratio = (value: number | undefined): string => (value === undefined ? "-" : `${value.toFixed(2)}×`);
+  for (const row of rows) {
+    const c = comparisons[row.id] as RowComparison;
+    lines.push([
+      row.label,
+      c.bestPeer === null ? "-" : `${label(c.bestPeer)} ${format(c.bestPeerValue as number, row.unit)}`,
+      ...vdisks.map((s) => ratio(c.vsBestPeer[s.id])),
+      ...pairs.map((p) => ratio(c.pairs[`${p.vdisk}/${p.peer}`])),
+    ]);
+  }
+  printTable(lines);
+  const legend = vdisks.map((s) => `${SHORT[s.id] ?? s.id} = ${s.label}`);
+  for (const pair of pairs) legend.push(`${pair.header.split(" ÷ ")[1]} = ${label(pair.peer)}`);
+  console.log(`  ${legend.join("; ")}`);
+}
 
 async function main(): Promise<void> {
   const size = parseSize(env("BENCH_SIZE", "4G"));
   const seconds = Number(env("BENCH_SECONDS", "10"));
   const ramp = Number(env("BENCH_RAMP", "2"));
   const runs = Number(env("BENCH_RUNS", "3"));
-  const serverFilter = process.env.BENCH_SERVERS?.split(",");
-  const rowFilter = process.env.BENCH_ROWS?.split(",");
+  if (!(runs >= 1 && Number.isInteger(runs))) throw new Error(`BENCH_RUNS must be a positive integer`);
   const sections = env("BENCH_SECTIONS", "servers,image").split(",");
-  const servers = SERVERS.filter(
-    (s) => sections.includes("servers") && (!serverFilter || serverFilter.includes(s.id)),
-  );
-  let imageResults: ImageBenchResults | null = null;
-  const rows = ROWS.filter((r) => !rowFilter || rowFilter.includes(r.id));
+  const servers = sections.includes("servers")
+    ? pick(SERVERS, process.env.BENCH_SERVERS?.split(","), "server")
+    : [];
+  const rows = pick(ROWS, process.env.BENCH_ROWS?.split(","), "row");
+  const vdiskArgs = envArgs("BENCH_VDISK_ARGS");
+  const vdiskSet = envArgs("BENCH_VDISK_SET");
   const scratch = fs.mkdtempSync(path.join(process.env.BENCH_DIR ?? os.tmpdir(), "vdisk-bench-"));
-  console.log(
-    `vdisk bench: ${servers.length} servers × ${rows.length} rows × ${runs} runs of ${seconds}s, image ${size} bytes`,
-  );
+  const ctx: BenchContext = {
+    scratch,
+    master: path.join(scratch, "master.raw"),
+    sizeBytes: size,
+    vdiskArgs,
+    vdiskSet,
+  };
+  if (servers.length > 0) {
+    // Rough: each fio run costs ~0.65 s beyond its seconds; a fill ~5 s per GiB (2 cores, shared).
+    const fioMinutes = (runs * servers.length * rows.length * (seconds + ramp + 0.65)) / 60;
+    const fillMinutes = (runs * servers.length * 5 * (size / 1024 ** 3)) / 60;
+    console.log(
+      `vdisk bench: ${servers.length} servers × ${rows.length} rows × ${runs} interleaved passes of ${seconds}s` +
+        ` (+${ramp}s ramp), image ${size} bytes; expect about ${(fioMinutes + fillMinutes).toFixed(0)} min` +
+        `${sections.includes("image") ? " plus the image section" : ""}`,
+    );
+  }
+  if (vdiskArgs.length > 0) console.log(`vdisk serve ... ${vdiskArgs.join(" ")}`);
+  if (vdiskSet.length > 0) console.log(`vdisk set --home H DISK ${vdiskSet.join(" ")}`);
+  const machine = describeMachine();
+  const started = new Date();
+  makeMaster(ctx.master, size);
 
-  const master = path.join(scratch, "master.raw");
-  run("fio", [
-    "--name=fill",
-    `--filename=${master}`,
-    "--rw=write",
-    "--bs=1m",
-    `--size=${size}`,
-    "--output=/dev/null",
-  ]);
-
-  const results: Record<
-    string,
-    Record<string, { median: number; runs: number[]; latencyUsMean: number }>
-  > = {};
+  const passes: Record<string, ServerPass[]> = Object.fromEntries(servers.map((s) => [s.id, []]));
+  const passOrder: string[][] = [];
+  let imageResults: ImageBenchResults | null = null;
   try {
-    for (const server of servers) {
-      const socket = path.join(scratch, `${server.id}.sock`);
-      process.stdout.write(`${server.label}: starting... `);
-      const { uri, stop } = await server.start(size, socket, scratch);
-      // Fill it through the server itself: every server's page cache is then filled by its own writes.
-      run("qemu-img", ["convert", "-n", "-f", "raw", "-O", "raw", "-W", master, uri]);
-      results[server.id] = {};
-      try {
-        for (const row of rows) {
-          const values: number[] = [];
-          const latencies: number[] = [];
-          for (let i = 0; i < runs; i++) {
-            const m = fio(uri, row, seconds, ramp, path.join(scratch, "fio.json"));
-            values.push(m.value);
-            latencies.push(m.latencyUsMean);
-          }
-          (results[server.id] as Record<string, unknown>)[row.id] = {
-            median: median(values),
-            runs: values,
-            latencyUsMean: median(latencies),
-          };
-          process.stdout.write(`${row.id}=${format(median(values), row.unit)} `);
-        }
-      } finally {
-        await stop();
+    for (let pass = 0; pass < (servers.length > 0 ? runs : 0); pass++) {
+      const order = pass % 2 === 0 ? servers : [...servers].reverse();
+      passOrder.push(order.map((s) => s.id));
+      console.log(`pass ${pass + 1}/${runs}`);
+      for (const server of order) {
+        process.stdout.write(`  ${server.label}: `);
+        const result = await measureServer(server, ctx, rows, {
+          seconds,
+          ramp,
+          tag: `p${pass + 1}`,
+          onRow: (row, m) => process.stdout.write(`${row.id}=${format(m.value, row.unit)} `),
+        });
+        (passes[server.id] as ServerPass[]).push(result);
+        const rss = result.rssMaxBytes ? `, RSS max ${formatMiB(result.rssMaxBytes)}` : "";
+        process.stdout.write(`(prepared in ${result.prepareSeconds.toFixed(1)} s${rss})\n`);
       }
-      process.stdout.write("\n");
     }
     if (sections.includes("image")) {
       console.log("image section: snapshot chains, snapshot timings, index size");
-      imageResults = await runImageBench({ scratch, master, sizeBytes: size, seconds, ramp, runs, vdiskBin });
+      imageResults = await runImageBench(ctx, { seconds, ramp, runs });
     }
   } finally {
     if (process.env.BENCH_KEEP) console.log(`scratch kept: ${scratch}`);
     else fs.rmSync(scratch, { recursive: true, force: true });
   }
 
-  // Table: each server's figure, then vdisk / qemu-nbd and vdisk / best peer.
-  const header = [
-    "row",
-    ...servers.map((s) => s.label),
-    "vdisk/qemu-nbd",
-    "vdisk/best peer",
-    "image/qcow2",
-    "image/best peer",
-  ];
-  const lines = [header];
-  for (const row of rows) {
-    const cells = [row.label];
-    for (const server of servers) {
-      const r = results[server.id]?.[row.id];
-      cells.push(r ? format(r.median, row.unit) : "-");
-    }
-    const figure = (id: string): number | undefined => results[id]?.[row.id]?.median;
-    const peers = servers.filter((s) => !s.id.startsWith("vdisk")).map((s) => figure(s.id) ?? 0);
-    const best = Math.max(0, ...peers);
-    const ratio = (a: number | undefined, b: number | undefined): string =>
-      a && b ? `${(a / b).toFixed(2)}×` : "-";
-    cells.push(ratio(figure("vdisk"), figure("qemu-nbd")));
-    cells.push(ratio(figure("vdisk"), best));
-    cells.push(ratio(figure("vdisk-image"), figure("qemu-nbd-qcow2")));
-    cells.push(ratio(figure("vdisk-image"), best));
-    lines.push(cells);
-  }
-  const widths = header.map((_, i) => Math.max(...lines.map((l) => (l[i] ?? "").length)));
-  console.log();
-  for (const line of lines) console.log(line.map((cell, i) => cell.padEnd(widths[i] as number)).join("  "));
+  const results: Record<string, ServerResult> = {};
+  for (const server of servers)
+    results[server.id] = summarize(server, passes[server.id] as ServerPass[], rows);
+  const comparisons: Record<string, RowComparison> = {};
+  for (const row of rows) comparisons[row.id] = compare(results, servers, row);
 
+  if (servers.length > 0) {
+    printFigures(results, servers, rows, runs);
+    printRatios(comparisons, results, servers, rows);
+    const daemons = servers.filter((s) => s.kind === "vdisk");
+    if (daemons.length > 0) {
+      const figures = daemons.map((s) => `${s.label} ${formatMiB(results[s.id]?.rssMaxBytes ?? 0)}`);
+      console.log(`\ndaemon RSS max: ${figures.join(", ")} (target: < 256 MiB plus configured caches)`);
+    }
+  }
   if (imageResults) printImageResults(imageResults);
 
   const out = {
-    date: new Date().toISOString(),
-    machine: describeMachine(),
-    settings: { sizeBytes: size, seconds, ramp, runs },
-    servers: servers.map((s) => ({ id: s.id, label: s.label })),
+    date: started.toISOString(),
+    wallSeconds: (Date.now() - started.getTime()) / 1000,
+    machine,
+    settings: {
+      sizeBytes: size,
+      seconds,
+      ramp,
+      runs,
+      interleaved: true,
+      sections,
+      vdiskArgs,
+      vdiskSet,
+      vdiskCommit: gitCommit(),
+    },
+    servers: servers.map((s) => ({ id: s.id, label: s.label, kind: s.kind })),
     rows,
+    passOrder,
     results,
+    comparisons,
     image: imageResults,
   };
-  const file = path.join(root, "bench", "results", `${out.date.replace(/[:.]/g, "-")}.json`);
+  const file = path.join(RESULTS_DIR, `${out.date.replace(/[:.]/g, "-")}.json`);
   fs.mkdirSync(path.dirname(file), { recursive: true });
   fs.writeFileSync(file, JSON.stringify(out, null, 2) + "\n");
-  console.log(`\nresults: ${path.relative(process.cwd(), file)}`);
+  const underCwd = file.startsWith(process.cwd() + path.sep);
+  console.log(`\nresults: ${underCwd ? path.relative(process.cwd(), file) : file}`);
+}
+
+/** The commit of the tree being measured (with "+dirty" if it has changes), or null outside git. */
+function gitCommit(): string | null {
+  try {
+    const commit = run("git", ["-C", ROOT, "rev-parse", "HEAD"]).trim();
+    const dirty = run("git", ["-C", ROOT, "status", "--porcelain", "--untracked-files=no"]).trim() !== "";
+    return dirty ? `${commit}+dirty` : commit;
+  } catch {
+    return null;
+  }
 }
 
 main().catch((err) => {
-  console.error(`bench failed: ${err instanceof Error ? err.message : String(err)}`);
+  console.error(`\nbench failed: ${err instanceof Error ? err.message : String(err)}`);
   process.exit(1);
 });
