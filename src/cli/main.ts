@@ -11,6 +11,7 @@
  * Snapshots are named DISK@SNAP wherever one name is expected (clone, rollback, export, NBD export names);
  * `snapshot create|delete` take DISK SNAP (or DISK@SNAP).
  */
+import { spawnSync } from "node:child_process";
 import * as path from "node:path";
 import { Command, CommanderError, InvalidArgumentError } from "commander";
 import { VdiskError } from "../errors";
@@ -29,6 +30,7 @@ import {
   diskDetails,
   diskStatsText,
   diskTable,
+  engineLines,
   jobProgress,
   jobSummary,
   keyValues,
@@ -198,6 +200,37 @@ async function resize(
   const body = { size, shrink: options.shrink === true };
   const result = await clientFor(options).post<DiskInfo>(`${diskPath(name)}/resize`, body);
   output(options, result, (disk) => `disk ${disk.name} is now ${formatSize(disk.size)}`);
+}
+
+async function set(
+  name: string,
+  options: CommonOptions & {
+    merge?: string;
+    maxRequest?: string;
+    queueDepth?: number;
+    sort?: string;
+    emulate?: string;
+  },
+): Promise<void> {
+  const body: Record<string, unknown> = {};
+  if (options.merge !== undefined) body.merge = options.merge === "on";
+  if (options.maxRequest !== undefined) body.maxRequestBytes = parseSize(options.maxRequest);
+  if (options.queueDepth !== undefined) body.queueDepth = options.queueDepth;
+  if (options.sort !== undefined) body.sort = options.sort;
+  if (options.emulate !== undefined) body.emulate = options.emulate;
+  if (Object.keys(body).length === 0) {
+    throw new VdiskError("INVALID_ARGUMENT", "nothing to set", {
+      hint: `name a setting, e.g. vdisk set ${name} --queue-depth 32 (vdisk set --help lists them)`,
+    });
+  }
+  const result = await clientFor(options).post<DiskInfo>(`${diskPath(name)}/settings`, body);
+  output(options, result, (disk) =>
+    keyValues([
+      ["disk", disk.name],
+      ...(disk.engine ? engineLines(disk.engine) : []),
+      ["emulate", disk.emulate ?? "none"],
+    ]),
+  );
 }
 
 async function remove(name: string, options: CommonOptions & { force?: boolean }): Promise<void> {
@@ -459,6 +492,20 @@ export function buildProgram(): Command {
     .requiredOption("--size <size>", "the new size, e.g. 40G")
     .option("--shrink", "allow making the disk smaller (the data past the new end is lost)")
     .action(handled(resize));
+  command(program, "set <name>", "change a disk's request-engine settings, live (vdisk info shows them)")
+    .option("--merge <on|off>", "merge adjacent queued requests", choice("--merge", ["on", "off"]))
+    .option("--max-request <size>", "largest request sent to the device (merges stop, larger ones split)")
+    .option("--queue-depth <n>", "requests in flight to the device at once", positiveInteger("--queue-depth"))
+    .option(
+      "--sort <mode>",
+      "order queued requests by address: auto (when the device is rotational), on, off",
+      choice("--sort", ["auto", "on", "off"]),
+    )
+    .option(
+      "--emulate <model>",
+      "make the device answer like a modelled disk: hdd, ssd, none, or e.g. hdd:rpm=5400 (no clients connected)",
+    )
+    .action(handled(set));
   command(program, "delete <name>", "delete a disk, its data and the snapshots no other disk needs")
     .option("--force", "disconnect the disk's NBD clients first")
     .action(handled(remove));
@@ -511,7 +558,42 @@ export function buildProgram(): Command {
     .option("--once", "print one frame (two samples --interval apart) and exit; with --json, as JSON")
     .option("--interval <seconds>", "seconds between samples", positiveSeconds("--interval"), 1)
     .action(handled(top));
+  program
+    .command("bench")
+    .description("run the benchmark: fio against vdisk, qemu-nbd and nbdkit side by side (npm run bench)")
+    .option("--size <size>", "image size (BENCH_SIZE, default 4G)")
+    .option("--seconds <n>", "seconds per fio run (BENCH_SECONDS, default 10)", positiveInteger("--seconds"))
+    .option(
+      "--runs <n>",
+      "passes; each figure is the median (BENCH_RUNS, default 3)",
+      positiveInteger("--runs"),
+    )
+    .option("--servers <ids>", "comma-separated server ids (BENCH_SERVERS, default all)")
+    .option("--rows <ids>", "comma-separated row ids (BENCH_ROWS, default all)")
+    .option("--sections <list>", "servers,image (BENCH_SECTIONS)")
+    .action(bench);
   return program;
+}
+
+/** `vdisk bench`: the benchmark script (bench/run.ts) with the options turned into its environment. */
+function bench(options: {
+  size?: string;
+  seconds?: number;
+  runs?: number;
+  servers?: string;
+  rows?: string;
+  sections?: string;
+}): void {
+  const script = path.resolve(__dirname, "..", "..", "bench", "run.js");
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  if (options.size !== undefined) env.BENCH_SIZE = String(parseSize(options.size));
+  if (options.seconds !== undefined) env.BENCH_SECONDS = String(options.seconds);
+  if (options.runs !== undefined) env.BENCH_RUNS = String(options.runs);
+  if (options.servers !== undefined) env.BENCH_SERVERS = options.servers;
+  if (options.rows !== undefined) env.BENCH_ROWS = options.rows;
+  if (options.sections !== undefined) env.BENCH_SECTIONS = options.sections;
+  const result = spawnSync(process.execPath, [script], { stdio: "inherit", env });
+  process.exitCode = result.status ?? 1;
 }
 
 /** Entry point: `bin/vdisk` calls main(process.argv). */

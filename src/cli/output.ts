@@ -19,6 +19,7 @@ import type {
   TreeNode,
 } from "../daemon/registry";
 import type { JobView } from "../daemon/jobs";
+import type { EngineStats } from "../engine/request-engine";
 import { type DiskStats, type OpCounters, type StatsSnapshot, opKinds } from "../monitor/types";
 import { formatRate, formatSize } from "../util/size";
 import { formatLatency } from "./top";
@@ -65,6 +66,8 @@ export function diskDetails(disk: DiskInfo): string {
     ["read-only", disk.readOnly ? "yes" : "no"],
     ["connections", String(disk.connections)],
   ];
+  if (disk.engine) pairs.push(...engineLines(disk.engine));
+  if (disk.emulate) pairs.push(["emulate", disk.emulate]);
   const image = disk.image;
   if (!image) return keyValues(pairs);
   pairs.push(
@@ -76,6 +79,25 @@ export function diskDetails(disk: DiskInfo): string {
     ["snapshots", String(image.snapshots)],
   );
   return `${keyValues(pairs)}\n\nspace per layer (the disk, then the snapshots it is built on):\n${layerTable(image.layers)}`;
+}
+
+/** The request engine's settings (as `vdisk set` takes them) and its counters. */
+export function engineLines(engine: EngineStats): [string, string][] {
+  const settings = engine.settings;
+  const sort = settings.sort === "auto" ? `auto (${engine.sorting ? "on" : "off"})` : settings.sort;
+  return [
+    [
+      "engine",
+      `merge ${settings.merge ? "on" : "off"}, max request ${formatSize(settings.maxRequestBytes)}, ` +
+        `queue depth ${settings.queueDepth}, sort ${sort}`,
+    ],
+    [
+      "engine requests",
+      `${engine.submitted} submitted, ${engine.dispatched} dispatched, ${engine.merged} merged, ` +
+        `${engine.split} split, ${engine.fastPathReads} cache-hit reads; now ${engine.queued} queued, ` +
+        `${engine.inflight} in flight (most queued ${engine.queuedMax})`,
+    ],
+  ];
 }
 
 function plural(count: number, word: string): string {

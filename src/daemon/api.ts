@@ -126,6 +126,11 @@ function routes(ctx: ApiContext): Route[] {
         ok(await registry.resize(name, sizeField(body), booleanField(body, "shrink"))),
     },
     {
+      method: "POST",
+      pattern: /^\/v1\/disks\/([^/]+)\/settings$/,
+      handler: async ([name], body) => ok(await registry.configure(name, body)),
+    },
+    {
       method: "GET",
       pattern: /^\/v1\/disks\/([^/]+)\/snapshots$/,
       handler: async ([name]) => ok(registry.snapshots(name)),
@@ -444,7 +449,7 @@ async function answer(
       return await route.handler(decodeParams(match), body, url.searchParams);
     }
     throw new VdiskError("NOT_FOUND", `no API route ${method} ${url.pathname}`, {
-      hint: "the routes are under /v1: status, disks, disks/NAME, disks/NAME/{resize,snapshots,tree,check}, import, export, jobs",
+      hint: "the routes are under /v1: status, disks, disks/NAME, disks/NAME/{resize,settings,snapshots,tree,check}, import, export, jobs",
     });
   } catch (err) {
     return errorReply(err, log);

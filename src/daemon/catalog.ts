@@ -21,6 +21,8 @@ import * as path from "node:path";
 import { VdiskError } from "../errors";
 import { diskNameBytesMax } from "../limits";
 import { checkDiskSize } from "../util/size";
+import { type EngineSettings, checkEngineSettings } from "../engine/request-engine";
+import { parseLatencyModel } from "../devices/latency-device";
 import { writeFileAtomic } from "./home";
 
 export const catalogVersion = 1;
@@ -39,6 +41,13 @@ export interface DiskRecord {
   /** ISO 8601. */
   created: string;
   readOnly: boolean;
+  /** Request-engine settings that differ from the defaults (`vdisk set`); absent = all defaults. */
+  engine?: Partial<EngineSettings>;
+  /**
+   * A latency model the disk's device is wrapped in (`vdisk set --emulate`, src/devices/latency-device.ts):
+   * "hdd", "ssd:channels=4", ... For benchmarks and tests on machines without such disks; absent = none.
+   */
+  emulate?: string;
 }
 
 export interface Catalog {
@@ -165,7 +174,7 @@ function checkRecord(entry: unknown, file: string, home: string, index: number):
   if (typeof disk.file !== "string" || !isInside(home, disk.file)) {
     throw corrupt(file, `${where}: its file must be a path inside the home`);
   }
-  return {
+  const record: DiskRecord = {
     name: disk.name as string,
     size: disk.size,
     format: disk.format,
@@ -174,6 +183,24 @@ function checkRecord(entry: unknown, file: string, home: string, index: number):
     created: disk.created,
     readOnly: disk.readOnly,
   };
+  if (disk.engine !== undefined) {
+    try {
+      checkEngineSettings(disk.engine);
+    } catch (err) {
+      throw corrupt(file, `${where}: engine settings: ${(err as Error).message}`, err);
+    }
+    record.engine = { ...(disk.engine as Partial<EngineSettings>) };
+  }
+  if (disk.emulate !== undefined) {
+    try {
+      if (typeof disk.emulate !== "string") throw new Error("not a string");
+      parseLatencyModel(disk.emulate);
+    } catch (err) {
+      throw corrupt(file, `${where}: emulate: ${(err as Error).message}`, err);
+    }
+    record.emulate = disk.emulate;
+  }
+  return record;
 }
 
 /** True if `relative` is a relative path that resolves strictly inside `home`. */

@@ -28,6 +28,14 @@ import { defaultDiskName, drainTimeoutMs } from "../limits";
 import type { BlockDevice, ExtentsDone } from "../devices/block-device";
 import { closeAsync, flushAsync, resizeAsync, usageAsync } from "../devices/promises";
 import { FileDevice } from "../devices/file-device";
+import { LatencyDevice, parseLatencyModel } from "../devices/latency-device";
+import {
+  type EngineSettings,
+  type EngineStats,
+  RequestEngine,
+  checkEngineSettings,
+  defaultEngineSettings,
+} from "../engine/request-engine";
 import { Image, type Layer } from "../image/image";
 import { ImageVolume } from "../image/volume";
 import type { ExportHandle, ExportProvider, ExportSummary } from "../protocol/nbd/exports";
@@ -104,6 +112,10 @@ export interface DiskInfo {
   connections: number;
   /** vdisk disks, in `info` only. */
   image?: ImageInfo;
+  /** The request engine's settings and counters, in `info` only. */
+  engine?: EngineStats;
+  /** The latency model the device is wrapped in (`vdisk set --emulate`), in `info` only. */
+  emulate?: string;
 }
 
 export interface SnapshotInfo {
@@ -164,6 +176,7 @@ export interface MonitorDisk {
   sizeBytes: number;
   /** Snapshots of this disk (0 for raw disks). */
   snapshots: number;
+  engine: EngineStats;
 }
 
 /** An open vdisk image as the monitor sees it (registry.monitorImages). */
@@ -209,7 +222,10 @@ interface OpenImage {
 
 interface OpenDisk extends Users {
   record: DiskRecord;
+  /** The disk's own device: the raw file, or the image head's volume. Management code only. */
   device: BlockDevice;
+  /** The request engine over `device`: what NBD clients and jobs use. Closing it closes `device`. */
+  engine: RequestEngine;
   image: OpenImage | null;
   deleting: boolean;
 }
@@ -291,7 +307,7 @@ export class DiskRegistry implements ExportProvider {
       );
       record.size = device.size;
     }
-    this.disks.set(record.name, { record, device, image, deleting: false, ...newUsers() });
+    this.addDisk(record, device, image);
   }
 
   private async openImage(file: string): Promise<OpenImage> {
@@ -381,7 +397,7 @@ export class DiskRegistry implements ExportProvider {
     return {
       name: disk.record.name,
       description: describe(disk),
-      device,
+      device: disk.engine,
       readOnly: readOnly(disk),
       ...(image && device instanceof ImageVolume
         ? {
@@ -403,18 +419,19 @@ export class DiskRegistry implements ExportProvider {
     const users = this.snapshotUsers(found, true);
     users.handles += 1;
     const volume = new ImageVolume(found.image.image, found.layer);
+    const engine = new RequestEngine(volume, this.settingsOf(found.layer.disk));
     let released = false;
     return {
       name: found.name,
       description: describeSnapshot(found),
-      device: volume,
+      device: engine,
       readOnly: true,
       contextStatus: (context, offset, length, done) =>
         contextStatus(found.image.image, volume, found.layer.disk, context, offset, length, done),
       release: () => {
         if (released) return;
         released = true;
-        volume.close(() => undefined);
+        engine.close(() => undefined);
         releaseHandle(users);
         this.dropIdle(found.image, found.layer.id);
       },
@@ -447,7 +464,7 @@ export class DiskRegistry implements ExportProvider {
       const found = this.requireSnapshotByName(name);
       return new ImageVolume(found.image.image, found.layer);
     }
-    return this.get(name).device;
+    return this.get(name).engine;
   }
 
   async info(name: string): Promise<DiskInfo> {
@@ -667,6 +684,7 @@ export class DiskRegistry implements ExportProvider {
         pool: disk.record.pool,
         sizeBytes: disk.device.size,
         snapshots: disk.image ? (snapshots.get(disk.record.name) ?? 0) : 0,
+        engine: disk.engine.stats(),
       }))
       .sort((a, b) => a.name.localeCompare(b.name));
   }
@@ -926,7 +944,11 @@ export class DiskRegistry implements ExportProvider {
   }
 
   private addDisk(record: DiskRecord, device: BlockDevice, image: OpenImage | null): OpenDisk {
-    const disk: OpenDisk = { record, device, image, deleting: false, ...newUsers() };
+    const engine = new RequestEngine(
+      emulated(device, record.emulate),
+      checkEngineSettings(record.engine ?? {}),
+    );
+    const disk: OpenDisk = { record, device, engine, image, deleting: false, ...newUsers() };
     this.disks.set(record.name, disk);
     return disk;
   }
@@ -971,7 +993,7 @@ export class DiskRegistry implements ExportProvider {
         throw err;
       }
       this.disks.delete(name);
-      await closeAsync(disk.device).catch(() => undefined);
+      await closeAsync(disk.engine).catch(() => undefined);
       if (!disk.image || !plan) {
         fs.rmSync(path.join(this.home, disk.record.file), { force: true });
         return { deleted: name };
@@ -1072,11 +1094,74 @@ export class DiskRegistry implements ExportProvider {
         );
       }
       if (size !== current) {
-        await resizeAsync(disk.device, size);
+        await resizeAsync(disk.engine, size);
         disk.record.size = disk.device.size;
         this.save();
       }
       return infoOf(disk, false);
+    });
+  }
+
+  // ---- Request-engine settings ----------------------------------------------------------------------------
+
+  /** The engine settings of disk `name` (defaults for a disk that no longer exists). */
+  private settingsOf(name: string): EngineSettings {
+    const disk = this.disks.get(name);
+    return disk ? disk.engine.settings : { ...defaultEngineSettings };
+  }
+
+  /**
+   * Change disk `name`'s request-engine settings (`vdisk set`), live: requests dispatched from now on use
+   * them. Only the settings that differ from the defaults are kept in the catalog.
+   */
+  configure(name: string, input: unknown): Promise<DiskInfo> {
+    return this.exclusive(async () => {
+      const disk = this.get(name);
+      if (input === null || typeof input !== "object" || Array.isArray(input)) {
+        throw new VdiskError("INVALID_ARGUMENT", "the settings must be a JSON object", {
+          hint: 'e.g. {"queueDepth": 32, "merge": false, "emulate": "hdd"}',
+        });
+      }
+      const { emulate: emulateInput, ...engineInput } = input as Record<string, unknown>;
+      const settings = checkEngineSettings(engineInput, disk.engine.settings);
+      const emulate = emulateInput === undefined ? disk.record.emulate : checkEmulate(emulateInput);
+      const emulateChanged = (emulate ?? "none") !== (disk.record.emulate ?? "none");
+      if (emulateChanged) {
+        this.refusePinned(disk, `disk ${name}`, "change the device emulation of");
+        if (disk.handles > 0) {
+          throw new VdiskError("DISK_BUSY", `disk ${name} has ${disk.handles} client connection(s)`, {
+            hint: "the device emulation changes only while no client is connected; disconnect them first",
+          });
+        }
+      }
+      const previous = disk.record.engine;
+      const previousEmulate = disk.record.emulate;
+      if (emulate === undefined || emulate === "none") delete disk.record.emulate;
+      else disk.record.emulate = emulate;
+      const differing: Partial<EngineSettings> = {};
+      for (const key of Object.keys(defaultEngineSettings) as Array<keyof EngineSettings>) {
+        if (settings[key] !== defaultEngineSettings[key]) Object.assign(differing, { [key]: settings[key] });
+      }
+      if (Object.keys(differing).length > 0) disk.record.engine = differing;
+      else delete disk.record.engine;
+      try {
+        this.save();
+      } catch (err) {
+        if (previous) disk.record.engine = previous;
+        else delete disk.record.engine;
+        if (previousEmulate) disk.record.emulate = previousEmulate;
+        else delete disk.record.emulate;
+        throw err;
+      }
+      if (emulateChanged) {
+        // No client is connected; a flush drains what jobs or past clients left queued. The old engine and
+        // filter hold nothing else, so they are dropped without closing the disk's device.
+        await flushAsync(disk.engine);
+        disk.engine = new RequestEngine(emulated(disk.device, disk.record.emulate), settings);
+      } else {
+        disk.engine.configure(settings);
+      }
+      return infoOf(disk, true);
     });
   }
 
@@ -1178,6 +1263,7 @@ export class DiskRegistry implements ExportProvider {
         );
       }
       await this.disconnectAll(disk, name);
+      await flushAsync(disk.engine); // a flush waits for every write queued before it
       await disk.image.image.rollback(name, found.layer);
       if (disk.record.size !== disk.device.size) {
         disk.record.size = disk.device.size;
@@ -1201,8 +1287,8 @@ export class DiskRegistry implements ExportProvider {
     const report = log ?? this.log;
     for (const disk of this.disks.values()) {
       try {
-        await flushAsync(disk.device);
-        await closeAsync(disk.device);
+        await flushAsync(disk.engine);
+        await closeAsync(disk.engine);
       } catch (err) {
         report(`disk ${disk.record.name}: ${fromSystemError(err, "close failed").message}`);
       }
@@ -1304,6 +1390,22 @@ function layerUsage(image: Image, layer: Layer): LayerUsage {
   };
 }
 
+/** `device`, wrapped in a LatencyDevice when the disk has a latency model (`vdisk set --emulate`). */
+function emulated(device: BlockDevice, emulate: string | undefined): BlockDevice {
+  if (emulate === undefined || emulate === "none") return device;
+  return new LatencyDevice(device, { model: parseLatencyModel(emulate), clock: "real" });
+}
+
+function checkEmulate(value: unknown): string {
+  if (typeof value !== "string") {
+    throw new VdiskError("INVALID_ARGUMENT", "emulate must be a latency model such as hdd, ssd or none", {
+      hint: "see docs/devices.md, Latency-emulating device",
+    });
+  }
+  parseLatencyModel(value);
+  return value.trim();
+}
+
 function readOnly(disk: OpenDisk): boolean {
   return disk.record.readOnly || disk.device.capabilities.readOnly;
 }
@@ -1331,6 +1433,8 @@ async function infoOf(disk: OpenDisk, detailed: boolean): Promise<DiskInfo> {
     readOnly: readOnly(disk),
     connections: disk.handles,
   };
+  if (detailed) info.engine = disk.engine.stats();
+  if (detailed && disk.record.emulate) info.emulate = disk.record.emulate;
   if (detailed && disk.image && disk.device instanceof ImageVolume) {
     const image = disk.image.image;
     const head = disk.device.layer;

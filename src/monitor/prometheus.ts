@@ -10,7 +10,13 @@
  * Every family is documented in docs/metrics.md; keep the two in step.
  */
 import { type Metric, Registry, collectDefaultMetrics } from "prom-client";
-import { latencyBucketsSeconds, opKinds, type OpKind, type StatsSnapshot } from "./types";
+import {
+  type EngineCounters,
+  latencyBucketsSeconds,
+  opKinds,
+  type OpKind,
+  type StatsSnapshot,
+} from "./types";
 
 type MetricType = "counter" | "gauge" | "histogram";
 type Labels = Record<string, string>;
@@ -39,6 +45,51 @@ export const opLabels: Record<OpKind, string> = {
   cache: "cache",
   blockStatus: "block_status",
 };
+
+function engineFamilies(): Family[] {
+  const engine = (name: string, help: string, type: MetricType, field: keyof EngineCounters): Family =>
+    perDisk(name, help, type, (disk) => disk.engine?.[field] ?? 0);
+  return [
+    engine(
+      "vdisk_engine_submitted_total",
+      "Requests the disk's request engine accepted from front ends.",
+      "counter",
+      "submitted",
+    ),
+    engine(
+      "vdisk_engine_dispatched_total",
+      "Requests the engine sent to the device (after merging and splitting).",
+      "counter",
+      "dispatched",
+    ),
+    engine(
+      "vdisk_engine_merged_total",
+      "Requests absorbed into a neighbour by merging.",
+      "counter",
+      "merged",
+    ),
+    engine(
+      "vdisk_engine_split_total",
+      "Extra device requests made by splitting large ones.",
+      "counter",
+      "split",
+    ),
+    engine(
+      "vdisk_engine_fast_path_reads_total",
+      "Reads answered from the page cache on the event loop, without queueing.",
+      "counter",
+      "fastPathReads",
+    ),
+    engine(
+      "vdisk_engine_overlap_waits_total",
+      "Requests held back behind an overlapping earlier request.",
+      "counter",
+      "waitedForOverlap",
+    ),
+    engine("vdisk_engine_queued_requests", "Requests waiting in the engine's queue.", "gauge", "queued"),
+    engine("vdisk_engine_inflight_requests", "Requests at the device.", "gauge", "inflight"),
+  ];
+}
 
 function perDisk(
   name: string,
@@ -160,6 +211,7 @@ export function vdiskFamilies(version: string): Family[] {
       (d) => d.allocatedBytes,
     ),
     perDisk("vdisk_snapshots", "Snapshots of the disk.", "gauge", (d) => d.snapshots),
+    ...engineFamilies(),
     {
       name: "vdisk_disk_info",
       help: "Always 1; the disk's format and pool as labels.",

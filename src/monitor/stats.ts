@@ -15,7 +15,8 @@ import { type IntervalHistogram, monitorEventLoopDelay } from "node:perf_hooks";
 import type { MonitorDisk, MonitorImage } from "../daemon/registry";
 import type { NbdServerStats } from "../protocol/nbd/server";
 import { emptyOpCounters, type StatsRecorder } from "./recorder";
-import type { DiskStats, ImageEngineStats, PoolStats, StatsSnapshot } from "./types";
+import type { EngineStats } from "../engine/request-engine";
+import type { DiskStats, EngineCounters, ImageEngineStats, PoolStats, StatsSnapshot } from "./types";
 
 /** Oldest space figures `fresh()` accepts. */
 export const usageRefreshMs = 1000;
@@ -41,6 +42,20 @@ interface Usage {
   allocated: Map<string, number>;
   images: ImageEngineStats[];
   pools: PoolStats[];
+}
+
+function engineCounters(stats: EngineStats): EngineCounters {
+  return {
+    submitted: stats.submitted,
+    dispatched: stats.dispatched,
+    merged: stats.merged,
+    split: stats.split,
+    fastPathReads: stats.fastPathReads,
+    waitedForOverlap: stats.waitedForOverlap,
+    queued: stats.queued,
+    inflight: stats.inflight,
+    queuedMax: stats.queuedMax,
+  };
 }
 
 /** Event-loop delay over the last window, from perf_hooks.monitorEventLoopDelay. */
@@ -136,6 +151,7 @@ export class DaemonStats {
         errorsByCode: active?.errorsByCode ?? {},
         inflight: active?.inflight ?? 0,
         clients: active?.clients ?? [],
+        engine: engineCounters(disk.engine),
       };
     });
     const serverStats = server.stats();

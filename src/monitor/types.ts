@@ -40,6 +40,19 @@ export interface ClientStats {
   ops: Record<OpKind, OpCounters>;
 }
 
+/** The request engine's counters for one disk (src/engine/request-engine.ts). */
+export interface EngineCounters {
+  submitted: number;
+  dispatched: number;
+  merged: number;
+  split: number;
+  fastPathReads: number;
+  waitedForOverlap: number;
+  queued: number;
+  inflight: number;
+  queuedMax: number;
+}
+
 export interface DiskStats {
   name: string;
   format: string;
@@ -53,6 +66,8 @@ export interface DiskStats {
   errorsByCode: Record<string, number>;
   inflight: number;
   clients: ClientStats[];
+  /** The disk's request engine (always set by the daemon). */
+  engine?: EngineCounters;
 }
 
 /** A pool: the file system holding its directory (statfs). */
