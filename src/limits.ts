@@ -20,6 +20,13 @@ export const blockBytesPreferred = 4 * KiB;
 
 /** NBD: requests in flight per connection before we stop reading the socket (configurable). */
 export const inflightPerConnectionMaxDefault = 128;
+/**
+ * Image index: memory for resident index leaves, shared by every open image (configurable,
+ * `vdisk serve --index-cache`). 64 MiB holds ~13k leaves: the maps of ~26 GiB written in scattered 4 KiB
+ * blocks, or of any amount written sequentially (collapsed ranges need no leaf).
+ */
+export const indexCacheBytesDefault = 64 * MiB;
+
 /** NBD: simultaneous client connections (configurable). */
 export const connectionsMaxDefault = 256;
 /** NBD: bytes of reply data queued on one socket before we stop reading new requests. */

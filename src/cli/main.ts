@@ -130,6 +130,7 @@ interface ServeOptions extends CommonOptions {
   maxConnections?: number;
   maxInflight?: number;
   pollUs?: number;
+  indexCache?: string;
 }
 
 async function serve(options: ServeOptions): Promise<void> {
@@ -144,6 +145,7 @@ async function serve(options: ServeOptions): Promise<void> {
     connectionsMax: options.maxConnections,
     inflightPerConnectionMax: options.maxInflight,
     pollUs: options.pollUs,
+    indexCacheBytes: options.indexCache === undefined ? undefined : parseSize(options.indexCache),
   };
   try {
     await runDaemon(daemonOptions, options.json ? "json" : "text");
@@ -475,6 +477,10 @@ export function buildProgram(): Command {
       "--poll-us <n>",
       "keep polling this many µs after input before sleeping (QD1 latency; 0 = off, default 50)",
       nonNegativeInteger("--poll-us"),
+    )
+    .option(
+      "--index-cache <size>",
+      "memory for the index leaves of vdisk images (default 64M; 0 = keep none)",
     )
     .action(serve);
   command(program, "create <name>", "create a thin disk")

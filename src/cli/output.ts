@@ -100,8 +100,8 @@ export function engineLines(engine: EngineStats): [string, string][] {
   ];
 }
 
-function plural(count: number, word: string): string {
-  return `${count} ${word}${count === 1 ? "" : "s"}`;
+function plural(count: number, word: string, words = `${word}s`): string {
+  return `${count} ${count === 1 ? word : words}`;
 }
 
 /** "2025-06-01T12:34:56.789Z" → "2025-06-01 12:34:56" (UTC). */
@@ -272,13 +272,26 @@ function totalErrors(disk: DiskStats): number {
   return Object.values(disk.errorsByCode).reduce((sum, count) => sum + count, 0);
 }
 
+function indexCacheText(stats: StatsSnapshot): string {
+  const cache = stats.indexCache;
+  if (!cache) return "";
+  const lookups = cache.hits + cache.misses;
+  const hitRate = lookups === 0 ? "-" : `${((cache.hits / lookups) * 100).toFixed(1)}%`;
+  const limit = cache.limitBytes === null ? "unlimited" : formatSize(cache.limitBytes);
+  return (
+    `\nindex cache: ${formatSize(cache.residentBytes)} of ${limit} (${plural(cache.residentNodes, "leaf", "leaves")}), ` +
+    `hit rate ${hitRate} (${cache.hits} hits, ${cache.misses} misses), ${cache.evictions} evictions`
+  );
+}
+
 /** `vdisk stats`: the daemon in one line, then one row per disk. */
 export function statsText(stats: StatsSnapshot): string {
   const lagMs = (stats.process.eventLoopLagSeconds * 1000).toFixed(2);
   const head =
     `daemon: up ${formatSeconds(stats.uptimeSeconds)}, ${plural(stats.server.connections, "NBD connection")} ` +
     `(${stats.server.connectionsTotal} since start), ${plural(stats.server.protocolErrors, "protocol error")}, ` +
-    `RSS ${formatSize(stats.process.residentBytes)}, heap ${formatSize(stats.process.heapUsedBytes)}, event-loop lag ${lagMs} ms`;
+    `RSS ${formatSize(stats.process.residentBytes)}, heap ${formatSize(stats.process.heapUsedBytes)}, event-loop lag ${lagMs} ms` +
+    indexCacheText(stats);
   if (stats.disks.length === 0) return `${head}\nno disks (make one with: vdisk create NAME --size 20G)`;
   const rows = stats.disks.map((disk) => [
     disk.name,

@@ -133,7 +133,7 @@ function routes(ctx: ApiContext): Route[] {
     {
       method: "GET",
       pattern: /^\/v1\/disks\/([^/]+)\/snapshots$/,
-      handler: async ([name]) => ok(registry.snapshots(name)),
+      handler: async ([name]) => ok(await registry.snapshots(name)),
     },
     {
       method: "POST",
@@ -160,7 +160,7 @@ function routes(ctx: ApiContext): Route[] {
     {
       method: "GET",
       pattern: /^\/v1\/disks\/([^/]+)\/tree$/,
-      handler: async ([name]) => ok(registry.tree(name)),
+      handler: async ([name]) => ok(await registry.tree(name)),
     },
     {
       method: "POST",

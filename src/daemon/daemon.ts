@@ -19,6 +19,7 @@ import * as limits from "../limits";
 import { MetricsExporter } from "../monitor/prometheus";
 import { StatsRecorder } from "../monitor/recorder";
 import { DaemonStats } from "../monitor/stats";
+import { IndexCache } from "../image/index-cache";
 import { NbdServer } from "../protocol/nbd/server";
 import { type ApiContext, type ApiServer, listenError, startApi } from "./api";
 import { resolveApiAccess } from "./api-token";
@@ -55,6 +56,8 @@ export interface DaemonOptions {
   requestBytesMax?: number;
   connectionsMax?: number;
   inflightPerConnectionMax?: number;
+  /** Memory for the index leaves of open vdisk images (image/index-cache.ts). */
+  indexCacheBytes?: number;
   /** Adaptive polling window after NBD input, µs (protocol/nbd/poller.ts); 0 = off. */
   pollUs?: number;
   handshakeTimeoutMs?: number;
@@ -159,7 +162,8 @@ async function startParts(
   started: Started,
 ): Promise<Daemon> {
   const startedAt = new Date();
-  const registry = (started.registry = await DiskRegistry.open(paths.root, { log: plan.log }));
+  const indexCache = new IndexCache(options.indexCacheBytes ?? limits.indexCacheBytesDefault);
+  const registry = (started.registry = await DiskRegistry.open(paths.root, { log: plan.log, indexCache }));
   if (plan.created && registry.size === 0) {
     await registry.create(limits.defaultDiskName, limits.defaultDiskBytes);
   }
@@ -188,7 +192,7 @@ async function startParts(
   const tokenRequired = plan.apiToken !== null;
   const status = (): object => statusView(paths, info, registry, server, jobs, startedAt, tokenRequired);
   const stats = (started.stats = new DaemonStats(
-    { registry, recorder, server, log: plan.log },
+    { registry, recorder, server, indexCache, log: plan.log },
     startedAt.getTime(),
   ));
   const exporter = new MetricsExporter(() => stats.fresh(), info.version);

@@ -29,6 +29,7 @@ import type { BlockDevice, ExtentsDone } from "../devices/block-device";
 import { closeAsync, flushAsync, resizeAsync, usageAsync } from "../devices/promises";
 import { FileDevice } from "../devices/file-device";
 import { LatencyDevice, parseLatencyModel } from "../devices/latency-device";
+import { IndexCache } from "../image/index-cache";
 import {
   type EngineSettings,
   type EngineStats,
@@ -239,6 +240,8 @@ interface FoundSnapshot {
 
 export interface RegistryOptions {
   openDevice?: DeviceOpener;
+  /** The memory budget shared by the index leaves of every open image (default: never evict). */
+  indexCache?: IndexCache;
   log?: (message: string) => void;
 }
 
@@ -259,6 +262,7 @@ export class DiskRegistry implements ExportProvider {
     readonly home: string,
     private readonly openDevice: DeviceOpener,
     private readonly log: (message: string) => void,
+    readonly indexCache: IndexCache,
   ) {}
 
   /** Load the catalog of `home` and open every disk in it. */
@@ -267,6 +271,7 @@ export class DiskRegistry implements ExportProvider {
       home,
       options.openDevice ?? openFileDevice,
       options.log ?? (() => undefined),
+      options.indexCache ?? new IndexCache(Infinity),
     );
     const catalog = loadCatalog(home);
     try {
@@ -316,7 +321,7 @@ export class DiskRegistry implements ExportProvider {
     const backing = await this.openDevice(path.join(this.home, file), { readOnly: false });
     let image: Image;
     try {
-      image = await Image.open(backing);
+      image = await Image.open(backing, { indexCache: this.indexCache });
     } catch (err) {
       await closeAsync(backing).catch(() => undefined);
       const error = fromSystemError(err, `cannot open the image ${file}`);
@@ -477,22 +482,26 @@ export class DiskRegistry implements ExportProvider {
   }
 
   /** The snapshots taken of `disk`, oldest first. */
-  snapshots(disk: string): { disk: string; snapshots: SnapshotInfo[] } {
+  async snapshots(disk: string): Promise<{ disk: string; snapshots: SnapshotInfo[] }> {
     const open = this.requireVdisk(this.get(disk), "have snapshots");
     const image = open.image.image;
-    const snapshots = [...image.layers.values()]
+    const layers = [...image.layers.values()]
       .filter((layer) => layer.kind === "snapshot" && layer.disk === disk)
-      .sort((a, b) => a.id - b.id)
-      .map((layer) => this.snapshotInfo(open.image, layer));
+      .sort((a, b) => a.id - b.id);
+    const snapshots: SnapshotInfo[] = [];
+    for (const layer of layers) snapshots.push(await this.snapshotInfo(open.image, layer));
     return { disk, snapshots };
   }
 
   /** The whole layer tree of the image that holds `disk`. */
-  tree(disk: string): DiskTree {
+  async tree(disk: string): Promise<DiskTree> {
     const open = this.requireVdisk(this.get(disk), "have a snapshot tree");
     const image = open.image.image;
+    // Space figures first (they may read evicted index leaves), then the tree from one set of layers.
+    const usages = new Map<number, LayerUsage>();
+    for (const layer of [...image.layers.values()]) usages.set(layer.id, await layerUsage(image, layer));
     const node = (layer: Layer): TreeNode => ({
-      ...layerUsage(image, layer),
+      ...(usages.get(layer.id) as LayerUsage),
       disk: layer.disk,
       snapshot: layer.kind === "snapshot" ? layer.name : null,
       connections: this.layerConnections(open.image, layer),
@@ -644,8 +653,8 @@ export class DiskRegistry implements ExportProvider {
     return image.snapshots.get(layer.id)?.handles ?? 0;
   }
 
-  private snapshotInfo(image: OpenImage, layer: Layer): SnapshotInfo {
-    const usage = layerUsage(image.image, layer);
+  private async snapshotInfo(image: OpenImage, layer: Layer): Promise<SnapshotInfo> {
+    const usage = await layerUsage(image.image, layer);
     const parent = layer.parent === null ? null : image.image.layers.get(layer.parent);
     const dependents = [...image.image.layers.values()]
       .filter((other) => other.kind === "head" && image.image.ancestors(other).includes(layer))
@@ -919,7 +928,7 @@ export class DiskRegistry implements ExportProvider {
     const backing = await this.openDevice(file, { readOnly: false, create: imageFileBytesInitial });
     let image: Image;
     try {
-      image = await Image.create(backing, { name, sizeBytes: size });
+      image = await Image.create(backing, { name, sizeBytes: size }, { indexCache: this.indexCache });
     } catch (err) {
       await closeAsync(backing).catch(() => undefined);
       fs.rmSync(file, { force: true });
@@ -1203,7 +1212,7 @@ export class DiskRegistry implements ExportProvider {
         );
       }
       await this.disconnectAll(users, found.name);
-      const freedBytes = found.image.image.layerStats(found.layer).exclusiveBytes;
+      const freedBytes = (await found.image.image.layerStatsAsync(found.layer)).exclusiveBytes;
       await found.image.image.deleteLayer(found.layer);
       found.image.snapshots.delete(found.layer.id);
       return { deleted: found.name, freedBytes };
@@ -1376,8 +1385,8 @@ function contextStatus(
   volume.changedSince(snapshot, offset, length, done);
 }
 
-function layerUsage(image: Image, layer: Layer): LayerUsage {
-  const stats = image.layerStats(layer);
+async function layerUsage(image: Image, layer: Layer): Promise<LayerUsage> {
+  const stats = await image.layerStatsAsync(layer);
   return {
     name: layerName(layer),
     kind: layer.kind,
@@ -1449,7 +1458,7 @@ async function infoOf(disk: OpenDisk, detailed: boolean): Promise<DiskInfo> {
       snapshots: [...image.layers.values()].filter(
         (layer) => layer.kind === "snapshot" && layer.disk === disk.record.name,
       ).length,
-      layers: [head, ...image.ancestors(head)].map((layer) => layerUsage(image, layer)),
+      layers: await Promise.all([head, ...image.ancestors(head)].map((layer) => layerUsage(image, layer))),
     };
   }
   return info;

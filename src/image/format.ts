@@ -71,7 +71,25 @@ export interface NodeContent {
   addresses: Float64Array; // FANOUT block addresses (0 for EMPTY/ZERO)
 }
 
-export function encodeNode(content: NodeContent, selfAddress: number, out: Buffer): void {
+/** A node as read from disk, with the CRC-32 its header carries. */
+export interface DecodedNode extends NodeContent {
+  crc: number;
+}
+
+/**
+ * The two arrays of a node's content in one ArrayBuffer (addresses first, for alignment): one backing
+ * store instead of two, which is what an index cache counts (index-cache.ts, `leafPayloadBytes`).
+ */
+export function allocateNodeArrays(): { types: Uint8Array; addresses: Float64Array } {
+  const buffer = new ArrayBuffer(FANOUT * 9);
+  return {
+    addresses: new Float64Array(buffer, 0, FANOUT),
+    types: new Uint8Array(buffer, FANOUT * 8, FANOUT),
+  };
+}
+
+/** Encode `content` as the node at block `selfAddress` into `out`; returns the node's CRC-32. */
+export function encodeNode(content: NodeContent, selfAddress: number, out: Buffer): number {
   assert(out.length === BLOCK_BYTES, "node buffer is one block");
   assert(selfAddress >= FIRST_ALLOCATABLE_BLOCK && selfAddress <= ADDRESS_MAX, "node address in range");
   for (let i = 0; i < FANOUT; i++) {
@@ -94,9 +112,10 @@ export function encodeNode(content: NodeContent, selfAddress: number, out: Buffe
   for (let i = 0; i < 16; i++) out[i * 8 + 1] = header[i] as number;
   const crc = crc32(out);
   for (let i = 0; i < 4; i++) out[(4 + i) * 8 + 1] = (crc >>> (24 - 8 * i)) & 0xff;
+  return crc;
 }
 
-export function decodeNode(buf: Buffer, expectedAddress: number, fileBlocks: number): NodeContent {
+export function decodeNode(buf: Buffer, expectedAddress: number, fileBlocks: number): DecodedNode {
   const where = `index node at block ${expectedAddress}`;
   const lane = (i: number): number => buf[i * 8 + 1] as number;
   const magic = (lane(0) << 8) | lane(1);
@@ -118,8 +137,7 @@ export function decodeNode(buf: Buffer, expectedAddress: number, fileBlocks: num
     throw corrupt(`${where}: node says it lives at block ${self} (misdirected write)`);
   for (let i = 14; i < FANOUT; i++)
     if (lane(i) !== 0) throw corrupt(`${where}: reserved byte set in unit ${i}`);
-  const types = new Uint8Array(FANOUT);
-  const addresses = new Float64Array(FANOUT);
+  const { types, addresses } = allocateNodeArrays();
   for (let i = 0; i < FANOUT; i++) {
     const at = i * 8;
     const type = (buf[at] as number) >> 6;
@@ -142,7 +160,7 @@ export function decodeNode(buf: Buffer, expectedAddress: number, fileBlocks: num
     types[i] = type;
     addresses[i] = address;
   }
-  return { level, types, addresses };
+  return { level, types, addresses, crc: storedCrc };
 }
 
 export interface Superblock {

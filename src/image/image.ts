@@ -9,6 +9,19 @@
  * the chain depth — the dm-thin answer to qcow2's backing chains. A node referenced more than once is
  * copied before it is changed (copy-on-write, top-down), so a frozen layer never changes.
  *
+ * Memory. Every live node has an IndexNode object (its identity is what parents and layers share, and it
+ * carries the reference count), but only upper levels (one node per 512 leaves) always hold their
+ * content. A clean leaf that is on disk may lose its content to the image's IndexCache (index-cache.ts)
+ * and become a shell; `isResident` / `ensureResident` (volume.ts calls them before every `map` and
+ * `apply`) read missing leaves back — one 4 KiB read each, checked like at open, loads of the same leaf
+ * shared — and then continue synchronously, so the tree is still only read and changed synchronously.
+ * Leaves a request waited for are pinned until its synchronous step has run; eviction happens only
+ * after loads, after commits and at open. Dirty leaves are never evicted: once they pass half the cache
+ * limit, a commit is started to make them clean. A leaf that dies while evicted (its last reference
+ * dropped by a trim, a rollback, a deletion) is released in the background: its block is read once more
+ * to drop its data's references (`releaseQueue`). Whole-tree reports read evicted leaves without
+ * caching them (`layerStatsAsync`, `checkConsistency`, `verify`).
+ *
  * Space. Reference counts live in memory and are rebuilt at open by walking every layer (shared nodes
  * once): `node.refs` counts the slots pointing at a node, `dataRefs` counts, per block of the file, the
  * units covering it. A write goes in place only when every node on its path and its data blocks are
@@ -25,10 +38,11 @@
  * Concurrency: everything here runs on the event loop; the tree changes only synchronously. Structural
  * operations close a write gate, wait for in-flight writes, change the layers, commit, and reopen it.
  */
-import { VdiskError, assert } from "../errors";
+import { VdiskError, assert, fromSystemError } from "../errors";
 import type { BlockDevice } from "../devices/block-device";
 import { flushAsync, readAsync, resizeAsync, trimAsync, writeAsync } from "../devices/promises";
 import { FreeSpace, RefcountMap } from "./extent-map";
+import { type CacheEntry, IndexCache, leafPayloadBytes } from "./index-cache";
 import { RangeLocks } from "./range-locks";
 import {
   BLOCK_BYTES,
@@ -37,8 +51,10 @@ import {
   FIRST_ALLOCATABLE_BLOCK,
   type LayerRecord,
   type LayerTable,
+  type DecodedNode,
   UnitType,
   type UnitTypeValue,
+  allocateNodeArrays,
   decodeLayerTable,
   decodeNode,
   decodeSuperblock,
@@ -56,28 +72,75 @@ export const autoCommitMs = 5_000;
 const commitWriteBlocksMax = 256;
 /** Full leaves waiting for a regrouping copy; more are skipped (they stay correct, just not compact). */
 const regroupQueueMax = 1024;
-/** Parallel reads when loading the index at open. */
+/** Parallel reads when loading the index at open, and when reading evicted leaves in bulk. */
 const loadParallelism = 32;
+/** Dirty leaves an image may hold before a commit is started early, when the cache limit is lower. */
+const dirtyLeavesCommitMin = 64;
+/** Rounds of loading a request waits for before giving up (each needs the tree to change under it). */
+const residentAttemptsMax = 64;
 
-export class IndexNode {
-  readonly types: Uint8Array;
-  readonly addresses: Float64Array;
+/** What a request needs resident over its blocks (`isResident`, `ensureResident`). */
+export const Need = {
+  /** Every leaf the range reaches: `map`, and everything that reads the mapping. */
+  LOOKUP: 0,
+  /** Only leaves the range covers in part: `apply` replaces whole ones without reading them. */
+  UPDATE: 1,
+} as const;
+export type NeedValue = (typeof Need)[keyof typeof Need];
+
+/** The `children` of every leaf: leaves have no child nodes (frozen: setting one is a bug). */
+const noChildren = Object.freeze([]) as unknown as Array<IndexNode | undefined>;
+
+export class IndexNode implements CacheEntry {
+  /** The content; null while the node is evicted (only clean leaves on disk are; index-cache.ts). */
+  types: Uint8Array | null = null;
+  addresses: Float64Array | null = null;
+  /** Child nodes of NODE units; every leaf shares `noChildren`. */
   readonly children: Array<IndexNode | undefined>;
   refs = 0;
   /** Where the node is on disk; -1 while it was never written. */
   diskAddress = -1;
   dirty = true;
+  /** CRC-32 (as int32) of the node as last written or read: a leaf read back must carry the same. */
+  crc = 0;
+  lruPrev: CacheEntry | null = null;
+  lruNext: CacheEntry | null = null;
 
+  /** A node with empty content, or (`resident` false) a shell whose content is still to be read. */
   constructor(
     readonly level: number,
-    types?: Uint8Array,
-    addresses?: Float64Array,
-    children?: Array<IndexNode | undefined>,
+    resident = true,
   ) {
-    this.types = types ?? new Uint8Array(FANOUT);
-    this.addresses = addresses ?? new Float64Array(FANOUT);
-    this.children = children ?? new Array<IndexNode | undefined>(FANOUT);
+    this.children = level === 0 ? noChildren : new Array<IndexNode | undefined>(FANOUT);
+    if (resident) {
+      const arrays = allocateNodeArrays();
+      this.types = arrays.types;
+      this.addresses = arrays.addresses;
+    }
   }
+
+  dropPayload(): void {
+    this.types = null;
+    this.addresses = null;
+  }
+}
+
+function typesOf(node: IndexNode): Uint8Array {
+  const types = node.types;
+  if (types === null) notResident(node);
+  return types;
+}
+
+function addressesOf(node: IndexNode): Float64Array {
+  const addresses = node.addresses;
+  if (addresses === null) notResident(node);
+  return addresses;
+}
+
+function notResident(node: IndexNode): never {
+  throw new Error(
+    `invariant violated: index node at block ${node.diskAddress} (level ${node.level}) used while evicted`,
+  );
 }
 
 /** One slot's content: a unit of a node, or a layer's root. */
@@ -175,6 +238,8 @@ export class Image {
   private closing = false;
   /** Leaves copied into contiguous extents so far. */
   regroups = 0;
+  /** Leaves that died while evicted and were read back in the background to release their data. */
+  evictedReleases = 0;
   private closed = false;
   commits = 0;
 
@@ -187,10 +252,27 @@ export class Image {
   /** Range locks per layer, shared by every volume of that layer. */
   private readonly rangeLocks = new Map<number, RangeLocks>();
 
+  // Index residency (index-cache.ts).
+  /** Leaf loads in progress, shared by every request that waits for the same leaf. */
+  private readonly loading = new Map<IndexNode, Promise<void>>();
+  /** Resident leaves marked dirty (never evictable); past a threshold a commit starts early. */
+  private dirtyLeaves = 0;
+  /** Resident leaves found by the last residency walk (added to the cache's hits when it succeeds). */
+  private walkHits = 0;
+  /** Evicted leaves whose last reference was dropped: their data references are dropped in background. */
+  private readonly releaseQueue: IndexNode[] = [];
+  private releaseRunning: Promise<void> | null = null;
+  /** Released leaves that could not be read back: their data stays allocated until the image reopens. */
+  private readonly releaseFailures: string[] = [];
+  /** A commit is about to start because dirty leaves passed half the cache limit. */
+  private pressureCommit = false;
+
   private constructor(
     readonly backing: BlockDevice,
     readonly readOnly: boolean,
     fileBlocks: number,
+    /** Holds the content of this image's leaves within its budget; may be shared with other images. */
+    readonly indexCache: IndexCache,
   ) {
     this.space = new FreeSpace(FIRST_ALLOCATABLE_BLOCK, Math.max(fileBlocks, FIRST_ALLOCATABLE_BLOCK));
   }
@@ -198,13 +280,25 @@ export class Image {
   // ---------------------------------------------------------------------------------------------
   // Create and open
 
-  /** Format `backing` as a new image with one empty head of `sizeBytes`. */
-  static async create(backing: BlockDevice, head: { name: string; sizeBytes: number }): Promise<Image> {
+  /**
+   * Format `backing` as a new image with one empty head of `sizeBytes`. Without `indexCache` the image
+   * gets its own cache that never evicts.
+   */
+  static async create(
+    backing: BlockDevice,
+    head: { name: string; sizeBytes: number },
+    options: { indexCache?: IndexCache } = {},
+  ): Promise<Image> {
     if (backing.size < FIRST_ALLOCATABLE_BLOCK * BLOCK_BYTES) {
       await resizeAsync(backing, FIRST_ALLOCATABLE_BLOCK * BLOCK_BYTES);
     }
     await writeAsync(backing, Buffer.alloc(FIRST_ALLOCATABLE_BLOCK * BLOCK_BYTES), 0);
-    const image = new Image(backing, false, Math.floor(backing.size / BLOCK_BYTES));
+    const image = new Image(
+      backing,
+      false,
+      Math.floor(backing.size / BLOCK_BYTES),
+      options.indexCache ?? new IndexCache(Infinity),
+    );
     image.addLayer(
       head.name,
       "head",
@@ -218,7 +312,14 @@ export class Image {
     return image;
   }
 
-  static async open(backing: BlockDevice, options: { readOnly?: boolean } = {}): Promise<Image> {
+  /**
+   * Open the image on `backing`. Every index node is read once to rebuild the reference counts; leaves
+   * beyond the cache's limit are evicted again as the load goes, so memory stays within it.
+   */
+  static async open(
+    backing: BlockDevice,
+    options: { readOnly?: boolean; indexCache?: IndexCache } = {},
+  ): Promise<Image> {
     const fileBlocks = Math.floor(backing.size / BLOCK_BYTES);
     if (fileBlocks < FIRST_ALLOCATABLE_BLOCK)
       throw new VdiskError("CORRUPT", "not a vdisk image: file too short");
@@ -244,7 +345,12 @@ export class Image {
     await readAsync(backing, tableBuffer, sb.layerTableAddress * BLOCK_BYTES);
     const table = decodeLayerTable(tableBuffer.subarray(0, sb.layerTableBytes), sb.layerTableCrc);
 
-    const image = new Image(backing, options.readOnly ?? false, fileBlocks);
+    const image = new Image(
+      backing,
+      options.readOnly ?? false,
+      fileBlocks,
+      options.indexCache ?? new IndexCache(Infinity),
+    );
     image.sequence = sb.sequence;
     image.nextLayerId = table.nextLayerId;
     image.layerTableAddress = sb.layerTableAddress;
@@ -257,6 +363,22 @@ export class Image {
 
   private async loadLayers(table: LayerTable, fileBlocks: number): Promise<void> {
     const nodes = new Map<number, IndexNode>();
+    try {
+      await this.loadNodes(table, fileBlocks, nodes);
+    } catch (err) {
+      // The image is not opened: give its leaves' budget back to a shared cache.
+      for (const node of nodes.values()) {
+        if (node.level === 0 && node.types !== null) this.forgetLeaf(node);
+      }
+      throw err;
+    }
+  }
+
+  private async loadNodes(
+    table: LayerTable,
+    fileBlocks: number,
+    nodes: Map<number, IndexNode>,
+  ): Promise<void> {
     // Breadth-first, level by level, with bounded parallel reads.
     type Pending = { address: number; level: number; attach: (node: IndexNode) => void };
     let frontier: Pending[] = [];
@@ -297,7 +419,7 @@ export class Image {
       const next: Pending[] = [];
       for (let i = 0; i < frontier.length; i += loadParallelism) {
         const batch = frontier.slice(i, i + loadParallelism);
-        await Promise.all(
+        await settleAll(
           batch.map(async (pending) => {
             const existing = nodes.get(pending.address);
             if (existing) {
@@ -313,7 +435,7 @@ export class Image {
             }
             const buffer = Buffer.alloc(BLOCK_BYTES);
             // Reserve before awaiting so a concurrent reference in the same batch finds it.
-            const placeholder = new IndexNode(pending.level);
+            const placeholder = new IndexNode(pending.level, false);
             nodes.set(pending.address, placeholder);
             await readAsync(this.backing, buffer, pending.address * BLOCK_BYTES);
             const content = decodeNode(buffer, pending.address, fileBlocks);
@@ -323,12 +445,18 @@ export class Image {
                 `index node at block ${pending.address} has level ${content.level}, expected ${pending.level}`,
               );
             }
-            placeholder.types.set(content.types);
-            placeholder.addresses.set(content.addresses);
+            placeholder.types = content.types;
+            placeholder.addresses = content.addresses;
+            placeholder.crc = content.crc | 0;
             placeholder.diskAddress = pending.address;
             placeholder.dirty = false;
             placeholder.refs++;
             pending.attach(placeholder);
+            if (content.level === 0) {
+              // Clean and on disk: evictable as soon as its units are counted (below, synchronously).
+              this.indexCache.admit();
+              this.indexCache.link(placeholder);
+            }
             const span = unitSpanBlocks(content.level);
             for (let u = 0; u < FANOUT; u++) {
               const type = content.types[u];
@@ -344,6 +472,7 @@ export class Image {
             }
           }),
         );
+        this.indexCache.evict();
       }
       frontier = next;
     }
@@ -544,7 +673,15 @@ export class Image {
       const head = this.requireHead(disk);
       const oldBlocks = head.blocks;
       const newBlocks = blocksOf(sizeBytes);
-      if (newBlocks < oldBlocks) this.apply(head, newBlocks, oldBlocks, UnitType.EMPTY, 0);
+      if (newBlocks < oldBlocks) {
+        await new Promise<void>((resolve, reject) =>
+          this.ensureResident(head, newBlocks, oldBlocks, Need.UPDATE, (err) => {
+            if (err) return reject(err);
+            this.apply(head, newBlocks, oldBlocks, UnitType.EMPTY, 0);
+            resolve();
+          }),
+        );
+      }
       while (unitSpanBlocks(head.rootLevel + 1) < newBlocks) {
         const node = new IndexNode(head.rootLevel + 1);
         this.setUnit(node, 0, head.root);
@@ -568,6 +705,11 @@ export class Image {
   /** Run `operation` with writes drained and the gate closed; operations run one at a time. */
   private structural<T>(operation: () => Promise<T>): Promise<T> {
     this.assertWritable();
+    return this.exclusive(operation);
+  }
+
+  /** Run `operation` with writes drained and the gate closed, after queued structural operations. */
+  private exclusive<T>(operation: () => Promise<T>): Promise<T> {
     const run = this.structuralQueue.then(async () => {
       await this.closeGate();
       try {
@@ -696,12 +838,21 @@ export class Image {
     assert(node.refs > 0, "node released more often than retained");
     node.refs--;
     if (node.refs > 0) return;
+    if (node.types === null) {
+      // An evicted leaf: what it references is known only on disk. Its block stays allocated until
+      // the background release has read it and dropped its data's references.
+      this.releaseLater(node);
+      return;
+    }
+    const types = node.types;
+    const addresses = addressesOf(node);
     for (let i = 0; i < FANOUT; i++) {
-      const type = node.types[i] as UnitTypeValue;
+      const type = types[i] as UnitTypeValue;
       if (type === UnitType.NODE || type === UnitType.DATA) {
-        this.releaseSlot({ type, address: node.addresses[i] as number, node: node.children[i] }, node.level);
+        this.releaseSlot({ type, address: addresses[i] as number, node: node.children[i] }, node.level);
       }
     }
+    if (node.level === 0) this.forgetLeaf(node);
     if (node.diskAddress >= 0) this.freeLater(node.diskAddress, 1);
     node.diskAddress = -1;
   }
@@ -710,22 +861,58 @@ export class Image {
   private dropNodeShell(node: IndexNode): void {
     assert(node.refs === 1, "only an exclusive node collapses");
     node.refs = 0;
+    if (node.level === 0) this.forgetLeaf(node);
     if (node.diskAddress >= 0) this.freeLater(node.diskAddress, 1);
     node.diskAddress = -1;
   }
 
+  /** A new, empty, dirty node (leaves are counted by the cache from now on). */
+  private newNode(level: number): IndexNode {
+    const node = new IndexNode(level);
+    if (level === 0) {
+      this.indexCache.admit();
+      this.dirtyLeaves++;
+    }
+    return node;
+  }
+
+  /** A resident leaf dies (or its image closes): its content leaves the cache's budget. */
+  private forgetLeaf(node: IndexNode): void {
+    assert(node.level === 0 && node.types !== null, "forget a resident leaf");
+    if (node.dirty) this.dirtyLeaves--;
+    this.indexCache.discard(node);
+    node.dropPayload();
+  }
+
   /** An exclusive, dirty version of `node` for a writer (copy-on-write when it is shared). */
   private own(node: IndexNode): IndexNode {
+    const types = typesOf(node);
+    const addresses = addressesOf(node);
     if (node.refs === 1) {
-      node.dirty = true;
+      if (!node.dirty) {
+        node.dirty = true;
+        if (node.level === 0) {
+          this.dirtyLeaves++;
+          this.indexCache.unlink(node);
+        }
+      }
       return node;
     }
-    const copy = new IndexNode(node.level, node.types.slice(), node.addresses.slice(), node.children.slice());
+    const copy = this.newNode(node.level);
+    const copyTypes = typesOf(copy);
+    const copyAddresses = addressesOf(copy);
+    copyTypes.set(types);
+    copyAddresses.set(addresses);
+    const span = unitSpanBlocks(node.level);
     for (let i = 0; i < FANOUT; i++) {
-      const type = copy.types[i];
-      if (type === UnitType.NODE) (copy.children[i] as IndexNode).refs++;
-      else if (type === UnitType.DATA)
-        this.dataRefs.addRef(copy.addresses[i] as number, unitSpanBlocks(node.level));
+      const type = copyTypes[i];
+      if (type === UnitType.NODE) {
+        const child = node.children[i] as IndexNode;
+        copy.children[i] = child;
+        child.refs++;
+      } else if (type === UnitType.DATA) {
+        this.dataRefs.addRef(copyAddresses[i] as number, span);
+      }
     }
     node.refs--;
     copy.refs = 1;
@@ -733,9 +920,334 @@ export class Image {
   }
 
   private setUnit(node: IndexNode, index: number, slot: Slot): void {
-    node.types[index] = slot.type;
-    node.addresses[index] = slot.type === UnitType.DATA ? slot.address : 0;
-    node.children[index] = slot.type === UnitType.NODE ? slot.node : undefined;
+    typesOf(node)[index] = slot.type;
+    addressesOf(node)[index] = slot.type === UnitType.DATA ? slot.address : 0;
+    if (node.level > 0) node.children[index] = slot.type === UnitType.NODE ? slot.node : undefined;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Residency: evicted leaves are read back before the synchronous lookups and updates that need them
+
+  /**
+   * Whether every leaf `need` requires over blocks [start, end) of `layer` is in memory. The resident ones
+   * are touched (LRU) and, when all are, counted as hits. Allocates nothing: every request passes here.
+   */
+  isResident(layer: Layer, start: number, end: number, need: NeedValue): boolean {
+    if (layer.root.type !== UnitType.NODE) return true;
+    this.walkHits = 0;
+    if (!this.residentUnder(layer.root.node as IndexNode, 0, start, end, need, null)) return false;
+    this.indexCache.recordHits(this.walkHits);
+    return true;
+  }
+
+  /**
+   * Run `proceed` once every leaf `need` requires over blocks [start, end) of `layer` is in memory: at
+   * once (synchronously) when they are, the common case; else after reading the missing ones, with all
+   * of them pinned while `proceed` runs synchronously. A leaf that cannot be read, or fails its checks,
+   * gives `proceed` the error instead. A cold lookup costs one read per missing leaf: upper levels are
+   * always resident.
+   */
+  ensureResident(
+    layer: Layer,
+    start: number,
+    end: number,
+    need: NeedValue,
+    proceed: (err: VdiskError | null) => void,
+  ): void {
+    if (this.isResident(layer, start, end, need)) return proceed(null);
+    this.loadResident((out) => this.residentSlot(layer.root, start, end, need, out), proceed, 1);
+  }
+
+  /** `isResident` for `changedRuns(layer, other, start, end)`: only leaves the two trees do not share. */
+  isDiffResident(layer: Layer, other: Layer, start: number, end: number): boolean {
+    this.walkHits = 0;
+    if (!this.diffResident(layer, other, start, end, null)) return false;
+    this.indexCache.recordHits(this.walkHits);
+    return true;
+  }
+
+  /** `ensureResident` for `changedRuns(layer, other, start, end)`. */
+  ensureDiffResident(
+    layer: Layer,
+    other: Layer,
+    start: number,
+    end: number,
+    proceed: (err: VdiskError | null) => void,
+  ): void {
+    if (this.isDiffResident(layer, other, start, end)) return proceed(null);
+    this.loadResident((out) => this.diffResident(layer, other, start, end, out), proceed, 1);
+  }
+
+  /**
+   * The slow path: `collect` lists every leaf needed (resident or not) and says whether all are
+   * resident. They are pinned, the missing ones read, and `proceed` runs once a fresh walk finds them all
+   * resident — the tree may have changed while we waited (a write elsewhere in the range, a rollback).
+   */
+  private loadResident(
+    collect: (out: IndexNode[] | null) => boolean,
+    proceed: (err: VdiskError | null) => void,
+    attempt: number,
+  ): void {
+    const needed: IndexNode[] = [];
+    this.walkHits = 0;
+    collect(needed);
+    const missing = needed.filter((node) => node.types === null);
+    this.indexCache.recordHits(this.walkHits);
+    this.indexCache.recordMisses(missing.length);
+    for (const node of needed) this.indexCache.pin(node);
+    const unpin = (): void => {
+      for (const node of needed) this.indexCache.unpin(node);
+    };
+    settleAll(missing.map((node) => this.loadLeaf(node))).then(
+      () => {
+        if (!collect(null)) {
+          unpin();
+          if (attempt >= residentAttemptsMax) {
+            return proceed(
+              new VdiskError("IO_ERROR", `the index changed under ${attempt} rounds of loading`, {
+                hint: "retry the request",
+              }),
+            );
+          }
+          return this.loadResident(collect, proceed, attempt + 1);
+        }
+        try {
+          proceed(null);
+        } finally {
+          unpin();
+          this.indexCache.evict();
+        }
+      },
+      (err: unknown) => {
+        unpin();
+        this.indexCache.evict();
+        proceed(fromSystemError(err, "reading an index node"));
+      },
+    );
+  }
+
+  private residentSlot(
+    slot: Slot,
+    start: number,
+    end: number,
+    need: NeedValue,
+    out: IndexNode[] | null,
+  ): boolean {
+    return (
+      slot.type !== UnitType.NODE || this.residentUnder(slot.node as IndexNode, 0, start, end, need, out)
+    );
+  }
+
+  /**
+   * The residency walk of the subtree under `node`, which maps blocks from `nodeStart`, for blocks
+   * [start, end). Resident leaves are touched and counted in `walkHits`. With `out`, every leaf needed is
+   * collected and the walk goes on past missing ones; without, it stops at the first.
+   */
+  private residentUnder(
+    node: IndexNode,
+    nodeStart: number,
+    start: number,
+    end: number,
+    need: NeedValue,
+    out: IndexNode[] | null,
+  ): boolean {
+    const span = unitSpanBlocks(node.level + 1);
+    // An update replaces a subtree it covers whole without reading it.
+    if (need === Need.UPDATE && start <= nodeStart && nodeStart + span <= end) return true;
+    if (node.level === 0) return this.residentLeaf(node, out);
+    const types = typesOf(node);
+    const childSpan = span / FANOUT;
+    const lo = Math.max(start, nodeStart);
+    const hi = Math.min(end, nodeStart + span);
+    const first = Math.floor((lo - nodeStart) / childSpan);
+    const last = Math.ceil((hi - nodeStart) / childSpan);
+    let all = true;
+    for (let i = first; i < last; i++) {
+      if (types[i] !== UnitType.NODE) continue;
+      if (!this.residentUnder(node.children[i] as IndexNode, nodeStart + i * childSpan, lo, hi, need, out)) {
+        all = false;
+        if (out === null) return false;
+      }
+    }
+    return all;
+  }
+
+  private residentLeaf(leaf: IndexNode, out: IndexNode[] | null): boolean {
+    if (out !== null) out.push(leaf);
+    if (leaf.types === null) return false;
+    this.indexCache.touch(leaf);
+    this.walkHits++;
+    return true;
+  }
+
+  private diffResident(
+    layer: Layer,
+    other: Layer,
+    start: number,
+    end: number,
+    out: IndexNode[] | null,
+  ): boolean {
+    const level = Math.max(layer.rootLevel, other.rootLevel) + 1;
+    return this.diffSlotsResident(
+      this.lift(layer, level),
+      this.lift(other, level),
+      level,
+      0,
+      start,
+      end,
+      out,
+    );
+  }
+
+  /** The residency walk of `diffSlots`: the nodes it would descend into, skipping shared subtrees. */
+  private diffSlotsResident(
+    a: Slot,
+    b: Slot,
+    level: number,
+    slotStart: number,
+    start: number,
+    end: number,
+    out: IndexNode[] | null,
+  ): boolean {
+    if (a.type === b.type && a.address === b.address && a.node === b.node) return true;
+    if (a.type !== UnitType.NODE && b.type !== UnitType.NODE) return true;
+    if (level === 1) {
+      // The nodes are leaves; their units are compared, so both sides are read.
+      let all = true;
+      if (a.type === UnitType.NODE && !this.residentLeaf(a.node as IndexNode, out)) all = false;
+      if ((all || out !== null) && b.type === UnitType.NODE && !this.residentLeaf(b.node as IndexNode, out))
+        all = false;
+      return all;
+    }
+    const span = unitSpanBlocks(level);
+    const lo = Math.max(start, slotStart);
+    const hi = Math.min(end, slotStart + span);
+    const childSpan = span / FANOUT;
+    const first = Math.floor((lo - slotStart) / childSpan);
+    const last = Math.ceil((hi - slotStart) / childSpan);
+    let all = true;
+    for (let i = first; i < last; i++) {
+      const childStart = slotStart + i * childSpan;
+      if (
+        !this.diffSlotsResident(
+          childSlot(a, i, childSpan),
+          childSlot(b, i, childSpan),
+          level - 1,
+          childStart,
+          lo,
+          hi,
+          out,
+        )
+      ) {
+        all = false;
+        if (out === null) return false;
+      }
+    }
+    return all;
+  }
+
+  /** Read an evicted leaf back into the cache; concurrent loads of one leaf share one read. */
+  private loadLeaf(node: IndexNode): Promise<void> {
+    const pending = this.loading.get(node);
+    if (pending !== undefined) return pending;
+    this.indexCache.recordLoad();
+    const load = this.readLeaf(node)
+      .then((content) => {
+        // A leaf that died while it was read (released in the background) or of a closed image is
+        // not cached; one loaded meanwhile by someone else keeps its content.
+        if (node.types !== null || node.refs === 0 || this.closed) return;
+        node.types = content.types;
+        node.addresses = content.addresses;
+        this.indexCache.admit();
+        this.indexCache.link(node);
+      })
+      .finally(() => this.loading.delete(node));
+    this.loading.set(node, load);
+    return load;
+  }
+
+  /**
+   * The content of an evicted leaf, read from its block and checked like at open (magic, CRC, level,
+   * self address, addresses inside the file) and against the CRC it was written with, so a node that is
+   * valid but not this one (a misplaced or stale block) is not taken for it.
+   */
+  private async readLeaf(node: IndexNode): Promise<DecodedNode> {
+    const address = node.diskAddress;
+    assert(node.level === 0 && address >= FIRST_ALLOCATABLE_BLOCK, "an evicted leaf is on disk");
+    const buffer = Buffer.allocUnsafe(BLOCK_BYTES);
+    // Counted as I/O in flight: should the leaf die meanwhile, its block is not reused under the read.
+    const epoch = this.ioBegin();
+    try {
+      await readAsync(this.backing, buffer, address * BLOCK_BYTES);
+    } finally {
+      this.ioEnd(epoch);
+    }
+    const content = decodeNode(buffer, address, Math.floor(this.backing.size / BLOCK_BYTES));
+    const hint = "run `vdisk check` on the disk for a full report";
+    if (content.level !== 0) {
+      throw new VdiskError(
+        "CORRUPT",
+        `index node at block ${address}: level ${content.level}, expected a leaf`,
+        {
+          hint,
+        },
+      );
+    }
+    if ((content.crc | 0) !== node.crc) {
+      throw new VdiskError(
+        "CORRUPT",
+        `index node at block ${address}: not the leaf written there (checksum ${hex32(content.crc)}, expected ${hex32(node.crc)})`,
+        { hint },
+      );
+    }
+    return content;
+  }
+
+  /** An evicted leaf lost its last reference: drop its data's references once it is read back. */
+  private releaseLater(node: IndexNode): void {
+    assert(node.level === 0 && node.diskAddress >= 0, "only leaves on disk are evicted");
+    this.releaseQueue.push(node);
+    if (this.releaseRunning === null) {
+      this.releaseRunning = this.runReleases().finally(() => {
+        this.releaseRunning = null;
+      });
+    }
+  }
+
+  private async runReleases(): Promise<void> {
+    while (this.releaseQueue.length > 0) {
+      const batch = this.releaseQueue.splice(0, loadParallelism);
+      await settleAll(batch.map((node) => this.releaseEvicted(node)));
+    }
+  }
+
+  private async releaseEvicted(node: IndexNode): Promise<void> {
+    assert(node.refs === 0, "a queued leaf stays released");
+    let types: Uint8Array;
+    let addresses: Float64Array;
+    try {
+      ({ types, addresses } = await this.readLeaf(node));
+    } catch (err) {
+      this.releaseFailures.push(
+        `released index leaf at block ${node.diskAddress} could not be read back (${(err as Error).message}): ` +
+          "the data it referenced stays allocated until the image is reopened",
+      );
+      return;
+    }
+    for (let i = 0; i < FANOUT; i++) {
+      if (types[i] === UnitType.DATA) {
+        for (const [start, length] of this.dataRefs.decRef(addresses[i] as number, 1))
+          this.freeLater(start, length);
+      }
+    }
+    this.freeLater(node.diskAddress, 1);
+    node.diskAddress = -1;
+    this.evictedReleases++;
+  }
+
+  /** Resolves once every queued release of an evicted leaf is done. */
+  private async drainReleases(): Promise<void> {
+    while (this.releaseRunning !== null) await this.releaseRunning;
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -784,13 +1296,15 @@ export class Image {
       return;
     }
     const node = slot.node as IndexNode;
+    const types = typesOf(node);
+    const addresses = addressesOf(node);
     const childExclusive = exclusive && node.refs === 1;
     const childSpan = span / FANOUT;
     const first = Math.floor((lo - slotStart) / childSpan);
     const last = Math.ceil((hi - slotStart) / childSpan);
     for (let i = first; i < last; i++) {
       const childStart = slotStart + i * childSpan;
-      const type = node.types[i] as UnitTypeValue;
+      const type = types[i] as UnitTypeValue;
       if (type === UnitType.NODE) {
         this.mapSlot(
           { type, address: 0, node: node.children[i] },
@@ -804,7 +1318,7 @@ export class Image {
       } else {
         const runLo = Math.max(lo, childStart);
         const runHi = Math.min(hi, childStart + childSpan);
-        const address = type === UnitType.DATA ? (node.addresses[i] as number) + (runLo - childStart) : 0;
+        const address = type === UnitType.DATA ? (addresses[i] as number) + (runLo - childStart) : 0;
         emit({ block: runLo, count: runHi - runLo, type, address, pathExclusive: childExclusive });
       }
     }
@@ -830,6 +1344,19 @@ export class Image {
     this.layersDirty = true;
     this.nodesDirty = true;
     this.scheduleAutoCommit();
+    if (
+      this.dirtyLeaves > dirtyLeavesCommitMin &&
+      this.dirtyLeaves * leafPayloadBytes > this.indexCache.limitBytes / 2 &&
+      !this.pressureCommit
+    ) {
+      // Dirty leaves cannot be evicted: a commit makes them clean. Started after this request's
+      // synchronous step, with errors handled like the auto-commit timer's.
+      this.pressureCommit = true;
+      process.nextTick(() => {
+        this.pressureCommit = false;
+        if (!this.closed) this.commit().catch(() => undefined);
+      });
+    }
     if (this.regroupQueue.length > 0 && this.regroupRunning === null) {
       this.regroupRunning = this.runRegroups().finally(() => {
         this.regroupRunning = null;
@@ -857,54 +1384,65 @@ export class Image {
             this.endWrite();
             resolve();
           };
-          if (this.closing || this.layers.get(layer.id) !== layer || end > layer.blocks) return finish();
-          const runs: Run[] = [];
-          this.map(layer, start, end, (run) => runs.push(run));
-          const eligible =
-            runs.length > 1 &&
-            runs.every(
-              (run) =>
-                run.type === UnitType.DATA &&
-                run.pathExclusive &&
-                this.dataRefs.maxCount(run.address, run.count) === 1,
-            );
-          if (!eligible) return finish();
-          const address = this.space.allocate(FANOUT);
-          const buffer = Buffer.allocUnsafe(FANOUT * BLOCK_BYTES);
-          const epoch = this.ioBegin();
-          this.ensureFileCovers((err) => {
-            if (err) {
-              this.unallocateData(address, FANOUT);
-              this.ioEnd(epoch);
-              return finish();
-            }
-            Promise.all(
-              runs.map((run) =>
-                readAsync(
-                  this.backing,
-                  buffer.subarray(
-                    (run.block - start) * BLOCK_BYTES,
-                    (run.block - start + run.count) * BLOCK_BYTES,
-                  ),
-                  run.address * BLOCK_BYTES,
-                ),
-              ),
-            )
-              .then(() => writeAsync(this.backing, buffer, address * BLOCK_BYTES))
-              .then(
-                () => {
-                  this.regroups++;
-                  this.apply(layer, start, end, UnitType.DATA, address);
-                },
-                () => this.unallocateData(address, FANOUT),
-              )
-              .finally(() => {
-                this.ioEnd(epoch);
-                finish();
-              });
+          const gone = (): boolean =>
+            this.closing || this.layers.get(layer.id) !== layer || end > layer.blocks;
+          if (gone()) return finish();
+          this.ensureResident(layer, start, end, Need.LOOKUP, (loadErr) => {
+            if (loadErr || gone()) return finish();
+            this.copyLeaf(layer, start, finish);
           });
         });
       });
+    });
+  }
+
+  /** The body of regroupLeaf, with the leaf's blocks locked and its mapping resident. */
+  private copyLeaf(layer: Layer, start: number, finish: () => void): void {
+    const end = start + FANOUT;
+    const runs: Run[] = [];
+    this.map(layer, start, end, (run) => runs.push(run));
+    const eligible =
+      runs.length > 1 &&
+      runs.every(
+        (run) =>
+          run.type === UnitType.DATA &&
+          run.pathExclusive &&
+          this.dataRefs.maxCount(run.address, run.count) === 1,
+      );
+    if (!eligible) return finish();
+    const address = this.space.allocate(FANOUT);
+    const buffer = Buffer.allocUnsafe(FANOUT * BLOCK_BYTES);
+    const epoch = this.ioBegin();
+    const failed = (): void => {
+      this.unallocateData(address, FANOUT);
+      this.ioEnd(epoch);
+      finish();
+    };
+    this.ensureFileCovers((err) => {
+      if (err) return failed();
+      Promise.all(
+        runs.map((run) =>
+          readAsync(
+            this.backing,
+            buffer.subarray((run.block - start) * BLOCK_BYTES, (run.block - start + run.count) * BLOCK_BYTES),
+            run.address * BLOCK_BYTES,
+          ),
+        ),
+      )
+        .then(() => writeAsync(this.backing, buffer, address * BLOCK_BYTES))
+        .then(
+          () => {
+            // The leaf is replaced whole: nothing needs to be resident, but ask like every update.
+            this.ensureResident(layer, start, end, Need.UPDATE, (loadErr) => {
+              if (loadErr) return failed();
+              this.regroups++;
+              this.apply(layer, start, end, UnitType.DATA, address);
+              this.ioEnd(epoch);
+              finish();
+            });
+          },
+          () => failed(),
+        );
     });
   }
 
@@ -936,10 +1474,12 @@ export class Image {
     const first = Math.floor((lo - slotStart) / childSpan);
     const last = Math.ceil((hi - slotStart) / childSpan);
     const loAddress = type === UnitType.DATA ? address + (lo - start) : 0;
+    const types = typesOf(node);
+    const addresses = addressesOf(node);
     for (let i = first; i < last; i++) {
       const child: Slot = {
-        type: node.types[i] as UnitTypeValue,
-        address: node.addresses[i] as number,
+        type: types[i] as UnitTypeValue,
+        address: addresses[i] as number,
         node: node.children[i],
       };
       this.setUnit(
@@ -953,13 +1493,14 @@ export class Image {
 
   /** A new node at `level - 1` that maps exactly what `slot` mapped (references move to its units). */
   private split(slot: Slot, level: number): IndexNode {
-    const node = new IndexNode(level - 1);
+    const node = this.newNode(level - 1);
     node.refs = 1;
     if (slot.type === UnitType.EMPTY) return node;
-    node.types.fill(slot.type);
+    typesOf(node).fill(slot.type);
     if (slot.type === UnitType.DATA) {
+      const addresses = addressesOf(node);
       const childSpan = unitSpanBlocks(level - 1);
-      for (let i = 0; i < FANOUT; i++) node.addresses[i] = slot.address + i * childSpan;
+      for (let i = 0; i < FANOUT; i++) addresses[i] = slot.address + i * childSpan;
     }
     return node;
   }
@@ -969,14 +1510,16 @@ export class Image {
    * DATA units that are not contiguous is queued for a background copy that makes them contiguous.
    */
   private collapse(node: IndexNode, nodeLevel: number, slotStart: number): Slot {
-    const first = node.types[0] as UnitTypeValue;
+    const types = typesOf(node);
+    const addresses = addressesOf(node);
+    const first = types[0] as UnitTypeValue;
     if (first === UnitType.NODE) return { type: UnitType.NODE, address: 0, node };
     const childSpan = unitSpanBlocks(nodeLevel);
-    const base = node.addresses[0] as number;
+    const base = addresses[0] as number;
     let contiguous = true;
     for (let i = 1; i < FANOUT; i++) {
-      if (node.types[i] !== first) return { type: UnitType.NODE, address: 0, node };
-      if (first === UnitType.DATA && node.addresses[i] !== base + i * childSpan) contiguous = false;
+      if (types[i] !== first) return { type: UnitType.NODE, address: 0, node };
+      if (first === UnitType.DATA && addresses[i] !== base + i * childSpan) contiguous = false;
     }
     if (!contiguous) {
       if (nodeLevel === 0 && this.applyingLayer !== null && this.regroupQueue.length < regroupQueueMax) {
@@ -999,15 +1542,6 @@ export class Image {
     visit: (block: number, count: number, changed: boolean) => void,
   ): void {
     const level = Math.max(layer.rootLevel, other.rootLevel) + 1;
-    const lift = (l: Layer): Slot => {
-      let slot = l.root;
-      for (let lv = l.rootLevel + 1; lv < level; lv++) {
-        const node = new IndexNode(lv);
-        this.setUnit(node, 0, slot);
-        slot = { type: UnitType.NODE, address: 0, node };
-      }
-      return slot;
-    };
     let pending: { block: number; count: number; changed: boolean } | null = null;
     const emit = (block: number, count: number, changed: boolean): void => {
       if (pending && pending.changed === changed && pending.block + pending.count === block) {
@@ -1017,7 +1551,7 @@ export class Image {
       if (pending) visit(pending.block, pending.count, pending.changed);
       pending = { block, count, changed };
     };
-    this.diffSlots(lift(layer), lift(other), level, 0, start, end, emit);
+    this.diffSlots(this.lift(layer, level), this.lift(other, level), level, 0, start, end, emit);
     if (pending) {
       const last = pending as { block: number; count: number; changed: boolean };
       visit(last.block, last.count, last.changed);
@@ -1043,26 +1577,30 @@ export class Image {
       return emit(lo, hi - lo, !(zeros(a) && zeros(b)));
     }
     const childSpan = span / FANOUT;
-    const childOf = (s: Slot, i: number): Slot => {
-      if (s.type === UnitType.NODE) {
-        const node = s.node as IndexNode;
-        return {
-          type: node.types[i] as UnitTypeValue,
-          address: node.addresses[i] as number,
-          node: node.children[i],
-        };
-      }
-      return {
-        type: s.type,
-        address: s.type === UnitType.DATA ? s.address + i * childSpan : 0,
-        node: undefined,
-      };
-    };
     const first = Math.floor((lo - slotStart) / childSpan);
     const last = Math.ceil((hi - slotStart) / childSpan);
     for (let i = first; i < last; i++) {
-      this.diffSlots(childOf(a, i), childOf(b, i), level - 1, slotStart + i * childSpan, lo, hi, emit);
+      this.diffSlots(
+        childSlot(a, i, childSpan),
+        childSlot(b, i, childSpan),
+        level - 1,
+        slotStart + i * childSpan,
+        lo,
+        hi,
+        emit,
+      );
     }
+  }
+
+  /** A layer's root seen as a slot at `level` (above its own when the other tree is taller). */
+  private lift(layer: Layer, level: number): Slot {
+    let slot = layer.root;
+    for (let lv = layer.rootLevel + 1; lv < level; lv++) {
+      const node = new IndexNode(lv);
+      this.setUnit(node, 0, slot);
+      slot = { type: UnitType.NODE, address: 0, node };
+    }
+    return slot;
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -1154,8 +1692,11 @@ export class Image {
     const collect = (node: IndexNode): void => {
       if (!node.dirty || seen.has(node)) return;
       seen.add(node);
-      for (let i = 0; i < FANOUT; i++)
-        if (node.types[i] === UnitType.NODE) collect(node.children[i] as IndexNode);
+      if (node.level > 0) {
+        const types = typesOf(node);
+        for (let i = 0; i < FANOUT; i++)
+          if (types[i] === UnitType.NODE) collect(node.children[i] as IndexNode);
+      }
       dirty.push(node);
     };
     for (const layer of this.layers.values())
@@ -1179,12 +1720,21 @@ export class Image {
       const count = write.buffer.length / BLOCK_BYTES;
       for (let j = 0; j < count; j++) {
         const node = dirty[index + j] as IndexNode;
-        for (let u = 0; u < FANOUT; u++) {
-          if (node.types[u] === UnitType.NODE)
-            node.addresses[u] = (node.children[u] as IndexNode).diskAddress;
+        const types = typesOf(node);
+        const addresses = addressesOf(node);
+        if (node.level > 0) {
+          for (let u = 0; u < FANOUT; u++) {
+            if (types[u] === UnitType.NODE) addresses[u] = (node.children[u] as IndexNode).diskAddress;
+          }
         }
-        encodeNode(node, node.diskAddress, write.buffer.subarray(j * BLOCK_BYTES, (j + 1) * BLOCK_BYTES));
+        const crc = encodeNode(
+          { level: node.level, types, addresses },
+          node.diskAddress,
+          write.buffer.subarray(j * BLOCK_BYTES, (j + 1) * BLOCK_BYTES),
+        );
+        node.crc = crc | 0;
         node.dirty = false;
+        if (node.level === 0) this.dirtyLeaves--;
       }
       index += count;
     }
@@ -1207,6 +1757,12 @@ export class Image {
       ...writes.map((write) => writeAsync(this.backing, write.buffer, write.address * BLOCK_BYTES)),
       writeAsync(this.backing, tableBuffer, tableAddress * BLOCK_BYTES),
     ]);
+    // The leaves just written can be read back now: they may be evicted (unless changed meanwhile).
+    for (const node of dirty) {
+      if (node.level === 0 && !node.dirty && node.refs > 0 && node.types !== null && node.lruNext === null)
+        this.indexCache.link(node);
+    }
+    if (!this.closing) this.indexCache.evict();
     await flushAsync(this.backing);
     const sequence = this.sequence + 1;
     const superblock = encodeSuperblock({
@@ -1266,9 +1822,30 @@ export class Image {
     this.closing = true;
     if (this.regroupRunning) await this.regroupRunning;
     if (!this.readOnly) await this.commit();
+    await this.drainReleases();
+    await Promise.allSettled([...this.loading.values()]);
     this.closed = true;
     if (this.commitTimer) clearTimeout(this.commitTimer);
     this.commitTimer = null;
+    // A shared cache no longer counts this image's leaves.
+    for (const node of this.reachableNodes()) {
+      if (node.level === 0 && node.types !== null) this.forgetLeaf(node);
+    }
+  }
+
+  /** Every node reachable from a layer root, each once (leaves too: their parents are resident). */
+  private reachableNodes(): Set<IndexNode> {
+    const nodes = new Set<IndexNode>();
+    const collect = (node: IndexNode): void => {
+      if (nodes.has(node)) return;
+      nodes.add(node);
+      if (node.level === 0) return;
+      const types = typesOf(node);
+      for (let i = 0; i < FANOUT; i++) if (types[i] === UnitType.NODE) collect(node.children[i] as IndexNode);
+    };
+    for (const layer of this.layers.values())
+      if (layer.root.type === UnitType.NODE) collect(layer.root.node as IndexNode);
+    return nodes;
   }
 
   private assertWritable(): void {
@@ -1283,11 +1860,19 @@ export class Image {
    * Recount every reference from the layer roots and compare with the live counts; check that free
    * space and used space are disjoint and that nodes and data do not overlap. Returns the problems
    * found, each precise enough to act on (empty = consistent). Used by `vdisk check` and the tests.
+   * Writes wait while it runs (the recount must see one state); evicted leaves are read, not cached.
    */
-  checkConsistency(): string[] {
-    const problems: string[] = [];
+  checkConsistency(): Promise<string[]> {
+    return this.exclusive(() => this.checkConsistencyNow());
+  }
+
+  private async checkConsistencyNow(): Promise<string[]> {
+    await this.drainReleases();
+    const problems: string[] = [...this.releaseFailures];
     const nodeRefs = new Map<IndexNode, number>();
     const data = new RefcountMap();
+    const evicted: Array<{ node: IndexNode; where: string }> = [];
+    let dirtyLeaves = 0;
     const visit = (slot: Slot, level: number, where: string): void => {
       if (slot.type === UnitType.DATA) {
         data.addRef(slot.address, unitSpanBlocks(level));
@@ -1304,15 +1889,24 @@ export class Image {
       const seen = nodeRefs.get(node);
       nodeRefs.set(node, (seen ?? 0) + 1);
       if (seen !== undefined) return;
+      if (node.level === 0 && node.dirty) dirtyLeaves++;
+      const types = node.types;
+      const addresses = node.addresses;
+      if (types === null || addresses === null) {
+        if (node.level > 0) problems.push(`${where}: an upper index node was evicted`);
+        else if (node.dirty || node.diskAddress < 0) problems.push(`${where}: an unwritten leaf was evicted`);
+        else evicted.push({ node, where });
+        return;
+      }
       for (let i = 0; i < FANOUT; i++) {
-        const type = node.types[i] as UnitTypeValue;
+        const type = types[i] as UnitTypeValue;
         if (type === UnitType.NODE || type === UnitType.DATA) {
           visit(
-            { type, address: node.addresses[i] as number, node: node.children[i] },
+            { type, address: addresses[i] as number, node: node.children[i] },
             node.level,
             `${where}/${i}`,
           );
-        } else if (node.children[i] !== undefined) {
+        } else if (node.level > 0 && node.children[i] !== undefined) {
           problems.push(`${where}/${i}: ${type === UnitType.EMPTY ? "empty" : "zero"} unit keeps a child`);
         }
       }
@@ -1328,11 +1922,38 @@ export class Image {
       if (unitSpanBlocks(layer.rootLevel + 1) < layer.blocks)
         problems.push(`layer ${layer.id}: root too low for its size`);
     }
+    // Evicted leaves count from their blocks (read, checked, not cached); writes wait, so they stay put.
+    for (let i = 0; i < evicted.length; i += loadParallelism) {
+      await Promise.all(
+        evicted.slice(i, i + loadParallelism).map(async ({ node, where }) => {
+          try {
+            const { types, addresses } = await this.readLeaf(node);
+            for (let u = 0; u < FANOUT; u++)
+              if (types[u] === UnitType.DATA) data.addRef(addresses[u] as number, 1);
+          } catch (err) {
+            problems.push(`${where}: ${(err as Error).message}`);
+          }
+        }),
+      );
+    }
     for (const [node, count] of nodeRefs) {
       if (node.refs !== count)
         problems.push(`node at block ${node.diskAddress}: ${node.refs} references counted, ${count} found`);
       if (!node.dirty && node.diskAddress < 0) problems.push("a clean node has no disk address");
+      if (node.level === 0 && node.dirty && node.lruNext !== null)
+        problems.push(`dirty leaf at block ${node.diskAddress} may be evicted`);
+      if (
+        node.level === 0 &&
+        !node.dirty &&
+        node.types !== null &&
+        node.lruNext === null &&
+        this.commitRunning === null
+      ) {
+        problems.push(`clean leaf at block ${node.diskAddress} is not evictable`);
+      }
     }
+    if (dirtyLeaves !== this.dirtyLeaves)
+      problems.push(`${this.dirtyLeaves} dirty leaves counted, ${dirtyLeaves} found`);
     const live = [...this.dataRefs.entries()];
     const recount = [...data.entries()];
     if (JSON.stringify(live) !== JSON.stringify(recount)) {
@@ -1359,10 +1980,20 @@ export class Image {
   /**
    * Commit, then read back everything the new superblock reaches — both superblock slots, the layer
    * table, every index node — and verify magic, checksums, levels and self addresses against what is in
-   * memory. Returns the problems found (empty = clean), together with checkConsistency()'s.
+   * memory (an evicted leaf: against the checksum it was written with). Returns the problems found
+   * (empty = clean), together with checkConsistency()'s. Writes wait while it runs.
    */
-  async verify(): Promise<{ problems: string[]; nodes: number; layers: number; dataBytes: number }> {
-    const problems = this.checkConsistency();
+  verify(): Promise<{ problems: string[]; nodes: number; layers: number; dataBytes: number }> {
+    return this.exclusive(() => this.verifyNow());
+  }
+
+  private async verifyNow(): Promise<{
+    problems: string[];
+    nodes: number;
+    layers: number;
+    dataBytes: number;
+  }> {
+    const problems = await this.checkConsistencyNow();
     if (!this.readOnly) {
       // Force a superblock write, so both slots are valid afterwards (one may be torn by a crash).
       this.layersDirty = true;
@@ -1401,15 +2032,7 @@ export class Image {
         problems.push(`layer table: ${(err as Error).message}`);
       }
     }
-    const nodes = new Set<IndexNode>();
-    const collect = (node: IndexNode): void => {
-      if (nodes.has(node)) return;
-      nodes.add(node);
-      for (let i = 0; i < FANOUT; i++)
-        if (node.types[i] === UnitType.NODE) collect(node.children[i] as IndexNode);
-    };
-    for (const layer of this.layers.values())
-      if (layer.root.type === UnitType.NODE) collect(layer.root.node as IndexNode);
+    const nodes = this.reachableNodes();
     const list = [...nodes].filter((node) => !node.dirty);
     for (let i = 0; i < list.length; i += loadParallelism) {
       await Promise.all(
@@ -1418,12 +2041,17 @@ export class Image {
           await readAsync(this.backing, buffer, node.diskAddress * BLOCK_BYTES);
           try {
             const content = decodeNode(buffer, node.diskAddress, fileBlocks);
+            const types = node.types;
+            const addresses = node.addresses;
+            if (types === null || addresses === null) {
+              if ((content.crc | 0) !== node.crc || content.level !== node.level)
+                problems.push(`index node at block ${node.diskAddress}: evicted leaf differs on disk`);
+              return;
+            }
             for (let u = 0; u < FANOUT; u++) {
               const expected =
-                node.types[u] === UnitType.NODE
-                  ? (node.children[u] as IndexNode).diskAddress
-                  : node.addresses[u];
-              if (content.types[u] !== node.types[u] || content.addresses[u] !== expected) {
+                types[u] === UnitType.NODE ? (node.children[u] as IndexNode).diskAddress : addresses[u];
+              if (content.types[u] !== types[u] || content.addresses[u] !== expected) {
                 problems.push(
                   `index node at block ${node.diskAddress}: unit ${u} on disk differs from memory`,
                 );
@@ -1448,17 +2076,7 @@ export class Image {
   // Statistics
 
   stats(): ImageStats {
-    let nodes = 0;
-    const seen = new Set<IndexNode>();
-    const count = (node: IndexNode): void => {
-      if (seen.has(node)) return;
-      seen.add(node);
-      nodes++;
-      for (let i = 0; i < FANOUT; i++)
-        if (node.types[i] === UnitType.NODE) count(node.children[i] as IndexNode);
-    };
-    for (const layer of this.layers.values())
-      if (layer.root.type === UnitType.NODE) count(layer.root.node as IndexNode);
+    const nodes = this.reachableNodes().size;
     return {
       fileBytes: this.backing.size,
       dataBytes: this.dataRefs.referencedBlocks * BLOCK_BYTES,
@@ -1470,17 +2088,53 @@ export class Image {
     };
   }
 
+  /**
+   * The layer's space figures, from memory. Every leaf it reaches must be resident — always the case
+   * with a cache that never evicts (the default); otherwise use layerStatsAsync, which reads the others.
+   */
   layerStats(layer: Layer): LayerStats {
-    let mapped = 0;
-    let exclusive = 0;
-    let nodes = 0;
-    let exclusiveNodes = 0;
+    const counts = this.layerCounts(layer, null);
+    return this.layerStatsOf(layer, counts);
+  }
+
+  /** layerStats that reads evicted leaves from disk (without caching them: a scan evicts nothing). */
+  async layerStatsAsync(layer: Layer): Promise<LayerStats> {
+    const evicted: Array<{ node: IndexNode; exclusive: boolean }> = [];
+    const counts = this.layerCounts(layer, evicted);
+    for (let i = 0; i < evicted.length; i += loadParallelism) {
+      await settleAll(
+        evicted.slice(i, i + loadParallelism).map(async ({ node, exclusive }) => {
+          if (node.refs === 0) return; // released meanwhile
+          const content = node.types === null ? await this.readLeaf(node) : null;
+          const types = content ? content.types : typesOf(node);
+          const addresses = content ? content.addresses : addressesOf(node);
+          const exclusiveLeaf = exclusive && node.refs === 1;
+          for (let u = 0; u < FANOUT; u++) {
+            if (types[u] !== UnitType.DATA) continue;
+            counts.mapped++;
+            if (exclusiveLeaf && this.dataRefs.maxCount(addresses[u] as number, 1) === 1) counts.exclusive++;
+          }
+        }),
+      );
+    }
+    return this.layerStatsOf(layer, counts);
+  }
+
+  /**
+   * Walk a layer's tree counting mapped and exclusive blocks and index nodes. An evicted leaf's node
+   * counts; its units are left to the caller through `evicted` (with whether its path is exclusive).
+   */
+  private layerCounts(
+    layer: Layer,
+    evicted: Array<{ node: IndexNode; exclusive: boolean }> | null,
+  ): { mapped: number; exclusive: number; nodes: number; exclusiveNodes: number } {
+    const counts = { mapped: 0, exclusive: 0, nodes: 0, exclusiveNodes: 0 };
     const seen = new Set<IndexNode>();
     const walk = (slot: Slot, level: number, exclusivePath: boolean): void => {
       if (slot.type === UnitType.DATA) {
         const span = unitSpanBlocks(level);
-        mapped += span;
-        if (exclusivePath && this.dataRefs.maxCount(slot.address, span) === 1) exclusive += span;
+        counts.mapped += span;
+        if (exclusivePath && this.dataRefs.maxCount(slot.address, span) === 1) counts.exclusive += span;
         return;
       }
       if (slot.type !== UnitType.NODE) return;
@@ -1488,21 +2142,36 @@ export class Image {
       const nodeExclusive = exclusivePath && node.refs === 1;
       if (!seen.has(node)) {
         seen.add(node);
-        nodes++;
-        if (nodeExclusive) exclusiveNodes++;
+        counts.nodes++;
+        if (nodeExclusive) counts.exclusiveNodes++;
       }
-      for (let i = 0; i < FANOUT; i++) {
-        const type = node.types[i] as UnitTypeValue;
-        if (type === UnitType.NODE || type === UnitType.DATA) {
-          walk(
-            { type, address: node.addresses[i] as number, node: node.children[i] },
-            level - 1,
-            nodeExclusive,
+      if (node.types === null) {
+        if (evicted === null) {
+          throw new VdiskError(
+            "INTERNAL",
+            `layer ${layer.id}: statistics need index leaves that are evicted; use layerStatsAsync`,
           );
+        }
+        evicted.push({ node, exclusive: nodeExclusive });
+        return;
+      }
+      const types = node.types;
+      const addresses = addressesOf(node);
+      for (let i = 0; i < FANOUT; i++) {
+        const type = types[i] as UnitTypeValue;
+        if (type === UnitType.NODE || type === UnitType.DATA) {
+          walk({ type, address: addresses[i] as number, node: node.children[i] }, level - 1, nodeExclusive);
         }
       }
     };
     walk(layer.root, layer.rootLevel + 1, true);
+    return counts;
+  }
+
+  private layerStatsOf(
+    layer: Layer,
+    counts: { mapped: number; exclusive: number; nodes: number; exclusiveNodes: number },
+  ): LayerStats {
     return {
       id: layer.id,
       name: layer.name,
@@ -1511,10 +2180,10 @@ export class Image {
       parent: layer.parent,
       sizeBytes: layer.sizeBytes,
       createdMs: layer.createdMs,
-      mappedBytes: Math.min(mapped, layer.blocks) * BLOCK_BYTES,
-      exclusiveBytes: exclusive * BLOCK_BYTES,
-      indexBytes: nodes * BLOCK_BYTES,
-      exclusiveIndexBytes: exclusiveNodes * BLOCK_BYTES,
+      mappedBytes: Math.min(counts.mapped, layer.blocks) * BLOCK_BYTES,
+      exclusiveBytes: counts.exclusive * BLOCK_BYTES,
+      indexBytes: counts.nodes * BLOCK_BYTES,
+      exclusiveIndexBytes: counts.exclusiveNodes * BLOCK_BYTES,
     };
   }
 
@@ -1522,6 +2191,33 @@ export class Image {
   static byteOffset(block: number): number {
     return block * BLOCK_BYTES;
   }
+}
+
+/** Unit `i` of `slot` seen as a slot one level down (a non-NODE slot maps the same to every unit). */
+function childSlot(slot: Slot, i: number, childSpan: number): Slot {
+  if (slot.type === UnitType.NODE) {
+    const node = slot.node as IndexNode;
+    return {
+      type: typesOf(node)[i] as UnitTypeValue,
+      address: addressesOf(node)[i] as number,
+      node: node.children[i],
+    };
+  }
+  return {
+    type: slot.type,
+    address: slot.type === UnitType.DATA ? slot.address + i * childSpan : 0,
+    node: undefined,
+  };
+}
+
+/** Wait for every promise, then reject with the first failure (no load is left running unseen). */
+async function settleAll(promises: Array<Promise<unknown>>): Promise<void> {
+  const results = await Promise.allSettled(promises);
+  for (const result of results) if (result.status === "rejected") throw result.reason;
+}
+
+function hex32(value: number): string {
+  return `0x${(value >>> 0).toString(16).padStart(8, "0")}`;
 }
 
 function emptySlot(): Slot {

@@ -12,6 +12,13 @@
  * - zero and trim change only the index (ZERO or EMPTY units), which is why FAST_ZERO is honoured.
  * Unaligned edges are read, patched and written as whole 4 KiB blocks.
  *
+ * Index residency: the tree is walked synchronously, so each verb first makes sure the index leaves it
+ * needs are in memory (`image.isResident`, a walk that allocates nothing, true in the common case) and
+ * otherwise waits for `image.ensureResident` to read them back. A write asks twice: before it maps its
+ * blocks, and again before it switches the mapping once the data is written (the leaves may have been
+ * evicted while the data was in flight). Verbs over long ranges (block status, cache, changed blocks)
+ * go window by window, so what one request holds pinned stays bounded.
+ *
  * Invariant: the image's write gate counts every mutating request from start to completion, so a
  * snapshot never captures half a write.
  */
@@ -28,11 +35,13 @@ import {
   type ReadDone,
   ZeroFlags,
 } from "../devices/block-device";
-import { BLOCK_BYTES, UnitType, type UnitTypeValue } from "./format";
-import { type Image, type Layer } from "./image";
+import { BLOCK_BYTES, FANOUT, UnitType, type UnitTypeValue } from "./format";
+import { type Image, type Layer, Need, type NeedValue, type Run } from "./image";
 
 /** Extents returned by one blockStatus call. */
 export const volumeBlockStatusExtentsMax = 1024;
+/** Blocks a long-range verb maps at a time: at most 64 leaves (and their pins) per window (128 MiB). */
+export const residentWindowBlocks = 64 * FANOUT;
 
 export class ImageVolume implements BlockDevice {
   readonly kind = "vdisk";
@@ -55,6 +64,17 @@ export class ImageVolume implements BlockDevice {
 
   read(buf: Buffer, offset: number, done: ReadDone): void {
     this.assertRange(offset, buf.length);
+    const first = Math.floor(offset / BLOCK_BYTES);
+    const end = Math.ceil((offset + buf.length) / BLOCK_BYTES);
+    if (this.image.isResident(this.layer, first, end, Need.LOOKUP)) return this.readMapped(buf, offset, done);
+    this.image.ensureResident(this.layer, first, end, Need.LOOKUP, (err) => {
+      if (err) return done(err, null);
+      this.readMapped(buf, offset, done);
+    });
+  }
+
+  /** The read, once the leaves it maps through are resident. */
+  private readMapped(buf: Buffer, offset: number, done: ReadDone): void {
     const image = this.image;
     const epoch = image.ioBegin();
     const end = offset + buf.length;
@@ -100,6 +120,16 @@ export class ImageVolume implements BlockDevice {
     let single: { type: UnitTypeValue; physical: number } | null = null;
     let runs = 0;
     const end = offset + buf.length;
+    // Declines when a leaf is evicted: the read that follows loads it (misses are counted there).
+    if (
+      !this.image.isResident(
+        this.layer,
+        Math.floor(offset / BLOCK_BYTES),
+        Math.ceil(end / BLOCK_BYTES),
+        Need.LOOKUP,
+      )
+    )
+      return false;
     this.image.map(this.layer, Math.floor(offset / BLOCK_BYTES), Math.ceil(end / BLOCK_BYTES), (run) => {
       runs++;
       single = {
@@ -150,28 +180,53 @@ export class ImageVolume implements BlockDevice {
       const end = offset + length;
       const wholeStart = Math.ceil(offset / BLOCK_BYTES);
       const wholeEnd = Math.floor(end / BLOCK_BYTES);
-      if (wholeStart < wholeEnd) this.image.apply(this.layer, wholeStart, wholeEnd, type, 0);
-      const edges: Array<[number, number]> = [];
-      if (offset % BLOCK_BYTES !== 0 || wholeStart >= wholeEnd) {
-        const block = Math.floor(offset / BLOCK_BYTES);
-        edges.push([Math.max(offset, block * BLOCK_BYTES), Math.min(end, (block + 1) * BLOCK_BYTES)]);
-      }
-      if (
-        end % BLOCK_BYTES !== 0 &&
-        Math.floor((end - 1) / BLOCK_BYTES) !== Math.floor(offset / BLOCK_BYTES)
-      ) {
-        const block = Math.floor((end - 1) / BLOCK_BYTES);
-        edges.push([block * BLOCK_BYTES, end]);
-      }
-      if (edges.length === 0) return release(null);
-      let pending = edges.length;
-      let failure: VdiskError | null = null;
-      for (const [from, to] of edges) {
-        const block = Math.floor(from / BLOCK_BYTES);
-        this.patch(block, 1, from, Buffer.alloc(to - from), (err) => {
-          if (err && !failure) failure = err;
-          if (--pending === 0) release(failure);
-        });
+      if (wholeStart >= wholeEnd) return this.patchEdges(offset, length, release);
+      // Only leaves the range covers in part are read back: whole ones are replaced (and, if evicted
+      // and no longer referenced, released in the background).
+      this.whenResident(wholeStart, wholeEnd, Need.UPDATE, release, () => {
+        this.image.apply(this.layer, wholeStart, wholeEnd, type, 0);
+        this.patchEdges(offset, length, release);
+      });
+    });
+  }
+
+  /** The partial blocks at the edges of a zero or trim: read-modify-write with zeros. */
+  private patchEdges(offset: number, length: number, release: Done): void {
+    const end = offset + length;
+    const wholeStart = Math.ceil(offset / BLOCK_BYTES);
+    const wholeEnd = Math.floor(end / BLOCK_BYTES);
+    const edges: Array<[number, number]> = [];
+    if (offset % BLOCK_BYTES !== 0 || wholeStart >= wholeEnd) {
+      const block = Math.floor(offset / BLOCK_BYTES);
+      edges.push([Math.max(offset, block * BLOCK_BYTES), Math.min(end, (block + 1) * BLOCK_BYTES)]);
+    }
+    if (end % BLOCK_BYTES !== 0 && Math.floor((end - 1) / BLOCK_BYTES) !== Math.floor(offset / BLOCK_BYTES)) {
+      const block = Math.floor((end - 1) / BLOCK_BYTES);
+      edges.push([block * BLOCK_BYTES, end]);
+    }
+    if (edges.length === 0) return release(null);
+    let pending = edges.length;
+    let failure: VdiskError | null = null;
+    for (const [from, to] of edges) {
+      const block = Math.floor(from / BLOCK_BYTES);
+      this.patch(block, 1, from, Buffer.alloc(to - from), (err) => {
+        if (err && !failure) failure = err;
+        if (--pending === 0) release(failure);
+      });
+    }
+  }
+
+  /**
+   * Run `body` once the leaves `need` requires over blocks [start, end) are resident (at once when
+   * they are); a load error, or an exception from `body`, goes to `fail` — as mutate's body errors do.
+   */
+  private whenResident(start: number, end: number, need: NeedValue, fail: Done, body: () => void): void {
+    this.image.ensureResident(this.layer, start, end, need, (err) => {
+      if (err) return fail(err);
+      try {
+        body();
+      } catch (thrown) {
+        fail(fromSystemError(thrown, "index update"));
       }
     });
   }
@@ -250,6 +305,18 @@ export class ImageVolume implements BlockDevice {
   /** Write whole blocks starting at `firstBlock`: in place where exclusive, else to new blocks. */
   private writeBlocks(firstBlock: number, data: Buffer, done: Done): void {
     assert(data.length % BLOCK_BYTES === 0 && data.length > 0, "whole blocks");
+    // The left neighbour's mapping is the allocation hint: its leaf is needed too.
+    const lookupStart = Math.max(0, firstBlock - 1);
+    const endBlock = firstBlock + data.length / BLOCK_BYTES;
+    if (this.image.isResident(this.layer, lookupStart, endBlock, Need.LOOKUP))
+      return this.writeMapped(firstBlock, data, done);
+    this.whenResident(lookupStart, endBlock, Need.LOOKUP, done, () =>
+      this.writeMapped(firstBlock, data, done),
+    );
+  }
+
+  /** The write, once the leaves it maps through are resident. */
+  private writeMapped(firstBlock: number, data: Buffer, done: Done): void {
     const image = this.image;
     const layer = this.layer;
     const endBlock = firstBlock + data.length / BLOCK_BYTES;
@@ -308,16 +375,20 @@ export class ImageVolume implements BlockDevice {
             segment.physical * BLOCK_BYTES,
             false,
             (writeErr) => {
-              if (writeErr) image.unallocateData(segment.physical, segment.count);
-              else
-                image.apply(
-                  layer,
-                  segment.block,
-                  segment.block + segment.count,
-                  UnitType.DATA,
-                  segment.physical,
-                );
-              finish(writeErr);
+              if (writeErr) {
+                image.unallocateData(segment.physical, segment.count);
+                return finish(writeErr);
+              }
+              // The leaves may have been evicted while the data was written: ask again.
+              const segmentEnd = segment.block + segment.count;
+              image.ensureResident(layer, segment.block, segmentEnd, Need.UPDATE, (loadErr) => {
+                if (loadErr) {
+                  image.unallocateData(segment.physical, segment.count);
+                  return finish(loadErr);
+                }
+                image.apply(layer, segment.block, segmentEnd, UnitType.DATA, segment.physical);
+                finish(null);
+              });
             },
           );
         }
@@ -354,19 +425,28 @@ export class ImageVolume implements BlockDevice {
       if (--pending === 0) done(null);
     };
     const end = offset + length;
-    this.image.map(this.layer, Math.floor(offset / BLOCK_BYTES), Math.ceil(end / BLOCK_BYTES), (run) => {
-      if (run.type !== UnitType.DATA) return;
-      pending++;
-      backing.cache(run.address * BLOCK_BYTES, run.count * BLOCK_BYTES, () => finish());
-    });
-    process.nextTick(finish);
+    this.windows(
+      Math.floor(offset / BLOCK_BYTES),
+      Math.ceil(end / BLOCK_BYTES),
+      null,
+      (from, to) => {
+        this.image.map(this.layer, from, to, (run) => {
+          if (run.type !== UnitType.DATA) return;
+          pending++;
+          backing.cache(run.address * BLOCK_BYTES, run.count * BLOCK_BYTES, () => finish());
+        });
+        return true;
+      },
+      // A hint: an index that cannot be read is reported by the reads that need it.
+      () => process.nextTick(finish),
+    );
   }
 
   blockStatus(offset: number, length: number, done: ExtentsDone): void {
     this.assertRange(offset, length);
     const extents: Extent[] = [];
     const end = offset + length;
-    this.image.map(this.layer, Math.floor(offset / BLOCK_BYTES), Math.ceil(end / BLOCK_BYTES), (run) => {
+    const visit = (run: Run): void => {
       if (extents.length >= volumeBlockStatusExtentsMax) return;
       const from = Math.max(offset, run.block * BLOCK_BYTES);
       const to = Math.min(end, (run.block + run.count) * BLOCK_BYTES);
@@ -379,8 +459,55 @@ export class ImageVolume implements BlockDevice {
       const last = extents[extents.length - 1];
       if (last && last.flags === flags) last.length += to - from;
       else extents.push({ length: to - from, flags });
-    });
-    process.nextTick(done, null, extents);
+    };
+    this.windows(
+      Math.floor(offset / BLOCK_BYTES),
+      Math.ceil(end / BLOCK_BYTES),
+      null,
+      (from, to) => {
+        this.image.map(this.layer, from, to, visit);
+        return extents.length < volumeBlockStatusExtentsMax;
+      },
+      (err) => (err ? process.nextTick(done, err) : process.nextTick(done, null, extents)),
+    );
+  }
+
+  /**
+   * Visit blocks [start, end) window by window (`residentWindowBlocks`), each once its leaves are
+   * resident — this layer's, or (with `other`) those `changedRuns` against `other` reads. `visit` runs
+   * synchronously per window and returns false to stop early; `done` runs after the last window (at
+   * once when nothing had to be loaded) or with the first load error.
+   */
+  private windows(
+    start: number,
+    end: number,
+    other: Layer | null,
+    visit: (from: number, to: number) => boolean,
+    done: (err: VdiskError | null) => void,
+  ): void {
+    const image = this.image;
+    let block = start;
+    while (block < end) {
+      const from = block;
+      const to = Math.min(end, from + residentWindowBlocks);
+      const resident =
+        other === null
+          ? image.isResident(this.layer, from, to, Need.LOOKUP)
+          : image.isDiffResident(this.layer, other, from, to);
+      if (!resident) {
+        const proceed = (err: VdiskError | null): void => {
+          if (err) return done(err);
+          if (!visit(from, to)) return done(null);
+          this.windows(to, end, other, visit, done);
+        };
+        if (other === null) image.ensureResident(this.layer, from, to, Need.LOOKUP, proceed);
+        else image.ensureDiffResident(this.layer, other, from, to, proceed);
+        return;
+      }
+      if (!visit(from, to)) return done(null);
+      block = to;
+    }
+    done(null);
   }
 
   /** Blocks written since `snapshot` (an ancestor or any other layer), as extents: DATA = changed. */
@@ -398,19 +525,25 @@ export class ImageVolume implements BlockDevice {
       if (last && last.flags === flags) last.length += to - from;
       else extents.push({ length: to - from, flags });
     };
-    if (firstBlock < Math.min(endBlock, blocks)) {
-      this.image.changedRuns(
-        this.layer,
-        snapshot,
-        firstBlock,
-        Math.min(endBlock, blocks),
-        (block, count, changed) =>
+    const finish = (err: VdiskError | null): void => {
+      if (err) return process.nextTick(done, err);
+      // Beyond the snapshot's end everything is new.
+      push(Math.max(offset, blocks * BLOCK_BYTES), end, true);
+      process.nextTick(done, null, extents);
+    };
+    if (firstBlock >= Math.min(endBlock, blocks)) return finish(null);
+    this.windows(
+      firstBlock,
+      Math.min(endBlock, blocks),
+      snapshot,
+      (from, to) => {
+        this.image.changedRuns(this.layer, snapshot, from, to, (block, count, changed) =>
           push(Math.max(offset, block * BLOCK_BYTES), Math.min(end, (block + count) * BLOCK_BYTES), changed),
-      );
-    }
-    // Beyond the snapshot's end everything is new.
-    push(Math.max(offset, blocks * BLOCK_BYTES), end, true);
-    process.nextTick(done, null, extents);
+        );
+        return extents.length < volumeBlockStatusExtentsMax;
+      },
+      finish,
+    );
   }
 
   resize(size: number, done: Done): void {
@@ -439,8 +572,10 @@ export class ImageVolume implements BlockDevice {
   }
 
   usage(done: (err: VdiskError | null, usage?: DeviceUsage) => void): void {
-    const stats = this.image.layerStats(this.layer);
-    process.nextTick(done, null, { allocatedBytes: stats.mappedBytes });
+    this.image.layerStatsAsync(this.layer).then(
+      (stats) => done(null, { allocatedBytes: stats.mappedBytes }),
+      (err: unknown) => done(fromSystemError(err, "usage")),
+    );
   }
 
   close(done: Done): void {

@@ -12,6 +12,7 @@
 import { type Metric, Registry, collectDefaultMetrics } from "prom-client";
 import {
   type EngineCounters,
+  type IndexCacheCounters,
   latencyBucketsSeconds,
   opKinds,
   type OpKind,
@@ -254,6 +255,7 @@ export function vdiskFamilies(version: string): Family[] {
     },
     ...poolFamilies(),
     ...imageFamilies(),
+    ...indexCacheFamilies(),
     {
       name: "vdisk_nbd_connections",
       help: "Open NBD connections (handshake included).",
@@ -304,6 +306,57 @@ function poolFamilies(): Family[] {
       "Bytes still available to the daemon on the pool's file system.",
       "availableBytes",
     ),
+  ];
+}
+
+function indexCacheFamilies(): Family[] {
+  type Field = Exclude<keyof IndexCacheCounters, "limitBytes">;
+  const cache = (name: string, help: string, type: MetricType, field: Field): Family => ({
+    name,
+    help,
+    type,
+    samples: (stats) => (stats.indexCache ? [{ labels: {}, value: stats.indexCache[field] }] : []),
+  });
+  return [
+    cache(
+      "vdisk_index_cache_hits_total",
+      "Index leaf lookups that found the leaf in memory.",
+      "counter",
+      "hits",
+    ),
+    cache(
+      "vdisk_index_cache_misses_total",
+      "Index leaf lookups that had to read the leaf.",
+      "counter",
+      "misses",
+    ),
+    cache(
+      "vdisk_index_cache_loads_total",
+      "Index leaves read back from the image files.",
+      "counter",
+      "loads",
+    ),
+    cache(
+      "vdisk_index_cache_evictions_total",
+      "Index leaves dropped from memory to stay within the limit.",
+      "counter",
+      "evictions",
+    ),
+    cache(
+      "vdisk_index_cache_resident_bytes",
+      "Memory held by resident index leaves.",
+      "gauge",
+      "residentBytes",
+    ),
+    {
+      name: "vdisk_index_cache_limit_bytes",
+      help: "The index cache's limit (vdisk serve --index-cache); absent when unlimited.",
+      type: "gauge",
+      samples: (stats) => {
+        const limit = stats.indexCache?.limitBytes;
+        return typeof limit === "number" && Number.isFinite(limit) ? [{ labels: {}, value: limit }] : [];
+      },
+    },
   ];
 }
 

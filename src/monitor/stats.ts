@@ -16,6 +16,7 @@ import type { MonitorDisk, MonitorImage } from "../daemon/registry";
 import type { NbdServerStats } from "../protocol/nbd/server";
 import { emptyOpCounters, type StatsRecorder } from "./recorder";
 import type { EngineStats } from "../engine/request-engine";
+import type { IndexCacheStats } from "../image/index-cache";
 import type { DiskStats, EngineCounters, ImageEngineStats, PoolStats, StatsSnapshot } from "./types";
 
 /** Oldest space figures `fresh()` accepts. */
@@ -34,6 +35,8 @@ export interface StatsSources {
   };
   recorder: StatsRecorder;
   server: { stats(): NbdServerStats };
+  /** The daemon's index-node cache (absent in tests that do not have one). */
+  indexCache?: { stats(): IndexCacheStats };
   log?: (message: string) => void;
 }
 
@@ -175,6 +178,7 @@ export class DaemonStats {
       },
       pools: this.usage.pools,
       images: this.usage.images,
+      ...(this.sources.indexCache ? { indexCache: this.sources.indexCache.stats() } : {}),
     };
   }
 }

@@ -118,4 +118,18 @@ export interface StatsSnapshot {
    */
   pools?: PoolStats[];
   images?: ImageEngineStats[];
+  /** The index-node cache shared by the open images (always set by the daemon). */
+  indexCache?: IndexCacheCounters;
+}
+
+/** The daemon's index-node cache (src/image/index-cache.ts); limitBytes is null when unlimited. */
+export interface IndexCacheCounters {
+  limitBytes: number | null;
+  residentBytes: number;
+  residentNodes: number;
+  evictableNodes: number;
+  hits: number;
+  misses: number;
+  loads: number;
+  evictions: number;
 }

@@ -336,10 +336,24 @@ export class DaemonFixture {
   }
 
   async api<T>(apiPath: string): Promise<T> {
-    const response = await fetch(`http://127.0.0.1:${this.httpPort}/v1/${apiPath}`);
-    const body = await response.text();
-    if (!response.ok) throw new Error(`GET /v1/${apiPath}: HTTP ${response.status}: ${body}`);
-    return JSON.parse(body) as T;
+    // A fresh TCP connection each time (agent: false): a kept-alive connection the daemon closed meanwhile
+    // fails with "other side closed" when the machine is loaded.
+    const { status, text } = await new Promise<{ status: number; text: string }>((resolve, reject) => {
+      const req = http.get(
+        { host: "127.0.0.1", port: this.httpPort, path: `/v1/${apiPath}`, agent: false },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on("data", (chunk: Buffer) => chunks.push(chunk));
+          res.on("end", () =>
+            resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString("utf8") }),
+          );
+          res.on("error", reject);
+        },
+      );
+      req.on("error", reject);
+    });
+    if (status !== 200) throw new Error(`GET /v1/${apiPath}: HTTP ${status}: ${text}`);
+    return JSON.parse(text) as T;
   }
 
   async start(): Promise<void> {

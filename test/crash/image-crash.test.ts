@@ -10,6 +10,10 @@
  *   exists unless its deletion had started; a snapshot whose creation was cut short either does not
  *   exist or is exact too.
  *
+ * Every even seed runs with an index cache of 0, 1 or 2 leaves (before and after the power cut) and a disk
+ * of up to 3 MiB (two leaves under an upper node), so leaves are evicted, read back and released in the
+ * background throughout; odd seeds keep every node in memory and disks of up to 1 MiB.
+ *
  * A failure prints the seed; `VDISK_CRASH_SEED=<seed>` replays just that run, `VDISK_CRASH_RUNS` sets
  * how many run (default 1500).
  */
@@ -21,6 +25,7 @@ import { Prng } from "../../src/testing/prng";
 import { ZeroFlags } from "../../src/devices/block-device";
 import { flushAsync, readAsync, trimAsync, writeAsync, zeroAsync } from "../../src/devices/promises";
 import { Image, type Layer } from "../../src/image/image";
+import { IndexCache, leafPayloadBytes } from "../../src/image/index-cache";
 import { ImageVolume } from "../../src/image/volume";
 
 const BACKING_BYTES = 24 * 1024 * 1024;
@@ -43,11 +48,20 @@ interface HeadModel {
   alternative: ModelDisk | null;
 }
 
+/** The index cache limit of a seed's images, in leaves; undefined: no limit. */
+function cacheLeavesOf(seed: number): number | undefined {
+  return seed % 2 === 0 ? (seed / 2) % 3 : undefined;
+}
+
 async function runSeed(seed: number): Promise<void> {
   const prng = new Prng(seed);
-  const size = (1 + prng.int(2048)) * SECTOR; // up to 1 MiB, odd sizes included
+  const cacheLeaves = cacheLeavesOf(seed);
+  const newCache = (): IndexCache | undefined =>
+    cacheLeaves === undefined ? undefined : new IndexCache(cacheLeaves * leafPayloadBytes);
+  // Up to 1 MiB (3 MiB with a cache), odd sizes included.
+  const size = (1 + prng.int(cacheLeaves === undefined ? 2048 : 6144)) * SECTOR;
   const device = new CrashDevice(BACKING_BYTES, { prng: prng.fork(), reorder: true });
-  const image = await Image.create(device, { name: "d0", sizeBytes: size });
+  const image = await Image.create(device, { name: "d0", sizeBytes: size }, { indexCache: newCache() });
   const heads = new Map<string, HeadModel>([
     ["d0", { disk: "d0", model: new ModelDisk(size), alternative: null }],
   ]);
@@ -184,15 +198,15 @@ async function runSeed(seed: number): Promise<void> {
   debug(`crashed: ${device.crashed}`);
   if (!device.crashed) device.crash();
 
-  // Power is back.
-  if (process.env.VDISK_CRASH_DEBUG) {
+  // Power is back. (The debug dumps map whole trees: they need every leaf in memory.)
+  if (process.env.VDISK_CRASH_DEBUG && cacheLeaves === undefined) {
     for (const [disk] of heads)
       image.map(image.head(disk)!, 0, Math.ceil(image.head(disk)!.sizeBytes / 4096), (r) =>
         debug("before", disk, JSON.stringify(r)),
       );
   }
-  const reopened = await Image.open(device.reopen());
-  if (process.env.VDISK_CRASH_DEBUG) {
+  const reopened = await Image.open(device.reopen(), { indexCache: newCache() });
+  if (process.env.VDISK_CRASH_DEBUG && cacheLeaves === undefined) {
     for (const [disk] of heads)
       if (reopened.head(disk))
         reopened.map(reopened.head(disk)!, 0, Math.ceil(reopened.head(disk)!.sizeBytes / 4096), (r) =>
@@ -245,8 +259,10 @@ test("image survives power loss at random points", { timeout: 900_000 }, async (
     try {
       await runSeed(seed);
     } catch (err) {
+      const cache = cacheLeavesOf(seed);
       assert.fail(
-        `crash seed ${seed} failed (replay: VDISK_CRASH_SEED=${seed}): ${(err as Error).stack ?? err}`,
+        `crash seed ${seed}${cache === undefined ? "" : ` (index cache of ${cache} leaves)`} failed ` +
+          `(replay: VDISK_CRASH_SEED=${seed}): ${(err as Error).stack ?? err}`,
       );
     }
     crashedMidway++;

@@ -1,26 +1,35 @@
 /**
  * Model-based property tests of the vdisk image engine: random sequences of write / zero / trim /
- * snapshot / clone / rollback / delete / resize / reopen against plain Buffers, one per layer.
+ * snapshot / clone / rollback / delete / resize / flush / verify / reopen against plain Buffers, one per
+ * layer.
  *
  * After every step: every head and every snapshot reads exactly its model (snapshots never change),
- * block status never calls a range ZERO that the model says holds data, and the engine's reference
- * counts equal a recount from the roots (checkConsistency). Reopening from the backing file must give
- * the same answers, and `verify()` must find nothing.
+ * block status never calls a range ZERO that the model says holds data, the changed blocks of a layer
+ * since any other (dirty bitmaps) include every block where their models differ, and the engine's
+ * reference counts equal a recount from the roots (checkConsistency). Reopening from the backing file
+ * must give the same answers, and `verify()` must find nothing.
+ *
+ * The same model test runs again with an index cache of a few leaves or none at all, so every step
+ * also runs while leaves are evicted and read back (and evicted leaves are released in the background).
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { MemoryDevice } from "../../src/devices/memory-device";
 import { ZeroFlags, ExtentFlags } from "../../src/devices/block-device";
+import type { Extent } from "../../src/devices/block-device";
 import {
   blockStatusAsync,
+  flushAsync,
   readAsync,
   resizeAsync,
   trimAsync,
+  usageAsync,
   writeAsync,
   zeroAsync,
 } from "../../src/devices/promises";
 import { Image, type Layer } from "../../src/image/image";
+import { IndexCache, leafPayloadBytes } from "../../src/image/index-cache";
 import { ImageVolume } from "../../src/image/volume";
 
 const KiB = 1024;
@@ -37,10 +46,16 @@ type Op =
   | { kind: "deleteSnapshot"; snap: number }
   | { kind: "deleteHead"; head: number }
   | { kind: "resize"; head: number; size: number }
+  | { kind: "flush"; head: number }
+  | { kind: "verify" }
   | { kind: "reopen" };
 
 const position = fc.nat({ max: 4 * 1024 * 1024 });
-const length = fc.integer({ min: 1, max: 600 * KiB });
+// Mostly short; sometimes long enough to cover whole 2 MiB leaves (replaced, or released, whole).
+const length = fc.oneof(
+  { weight: 4, arbitrary: fc.integer({ min: 1, max: 600 * KiB }) },
+  { weight: 1, arbitrary: fc.integer({ min: 1, max: 4 * 1024 * KiB }) },
+);
 const opArbitrary: fc.Arbitrary<Op> = fc.oneof(
   {
     weight: 6,
@@ -105,6 +120,8 @@ const opArbitrary: fc.Arbitrary<Op> = fc.oneof(
       size: fc.integer({ min: 1, max: 10 * 1024 }).map((k) => k * 512),
     }),
   },
+  { weight: 1, arbitrary: fc.record({ kind: fc.constant("flush" as const), head: fc.nat() }) },
+  { weight: 1, arbitrary: fc.record({ kind: fc.constant("verify" as const) }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant("reopen" as const) }) },
 );
 
@@ -116,9 +133,25 @@ class Harness {
   private nextDisk = 1;
   private nextSnap = 1;
 
+  /** `indexCache`: shared by every image this harness opens (undefined: each gets one that never evicts). */
+  constructor(readonly indexCache?: IndexCache) {}
+
   async init(size: number): Promise<void> {
-    this.image = await Image.create(this.backing, { name: "disk0", sizeBytes: size });
+    this.image = await Image.create(
+      this.backing,
+      { name: "disk0", sizeBytes: size },
+      { indexCache: this.indexCache },
+    );
     this.model.set(this.image.head("disk0")!.id, Buffer.alloc(size));
+  }
+
+  /** Background releases of evicted leaves by the images closed so far. */
+  evictedReleases = 0;
+
+  async reopen(): Promise<void> {
+    await this.image.close();
+    this.evictedReleases += this.image.evictedReleases;
+    this.image = await Image.open(this.backing, { indexCache: this.indexCache });
   }
 
   heads(): Layer[] {
@@ -231,16 +264,23 @@ class Harness {
         this.model.set(head.id, resized);
         return;
       }
+      case "flush": {
+        await flushAsync(this.volume(heads[op.head % heads.length]!));
+        return;
+      }
+      case "verify": {
+        assert.deepEqual((await this.image.verify()).problems, [], "verify");
+        return;
+      }
       case "reopen": {
-        await this.image.close();
-        this.image = await Image.open(this.backing);
+        await this.reopen();
         return;
       }
     }
   }
 
   async check(where: string): Promise<void> {
-    assert.deepEqual(this.image.checkConsistency(), [], `${where}: consistency`);
+    assert.deepEqual(await this.image.checkConsistency(), [], `${where}: consistency`);
     assert.deepEqual(
       [...this.model.keys()].sort((a, b) => a - b),
       [...this.image.layers.keys()].sort((a, b) => a - b),
@@ -272,7 +312,44 @@ class Harness {
       }
       assert.equal(offset, expected.length, `${where}: block status covers layer ${layer.id}`);
     }
+    // Changed blocks since any other layer (what a dirty bitmap reports): every block whose content
+    // differs between the two models must be reported as changed.
+    const layers = [...this.image.layers.values()];
+    for (const layer of layers) {
+      for (const other of layers) {
+        if (other === layer) continue;
+        const mine = this.model.get(layer.id)!;
+        const theirs = this.model.get(other.id)!;
+        const extents = await changedSinceAsync(this.volume(layer), other, 0, layer.sizeBytes);
+        let offset = 0;
+        for (const extent of extents) {
+          if (extent.flags === 0) {
+            const end = Math.min(offset + extent.length, theirs.length);
+            if (end > offset && !mine.subarray(offset, end).equals(theirs.subarray(offset, end))) {
+              assert.fail(
+                `${where}: layer ${layer.id} reports ${offset}+${extent.length} unchanged since layer ${other.id}, but it differs`,
+              );
+            }
+          }
+          offset += extent.length;
+        }
+        assert.equal(offset, layer.sizeBytes, `${where}: changed blocks cover layer ${layer.id}`);
+      }
+    }
   }
+}
+
+function changedSinceAsync(
+  volume: ImageVolume,
+  since: Layer,
+  offset: number,
+  length: number,
+): Promise<Extent[]> {
+  return new Promise((resolve, reject) =>
+    volume.changedSince(since, offset, length, (err, extents) =>
+      err ? reject(err) : resolve(extents ?? []),
+    ),
+  );
 }
 
 function pattern(len: number, fill: number): Buffer {
@@ -281,29 +358,84 @@ function pattern(len: number, fill: number): Buffer {
   return out;
 }
 
+const propertyRuns = Number(process.env.VDISK_PROPERTY_RUNS ?? 120);
+/** What the tiny-cache runs did in total: proof that they evicted and read leaves back. */
+const cacheTotals = { evictions: 0, loads: 0, misses: 0, evictedReleases: 0 };
+
+/** One model run: `cacheLeaves` undefined = no cache limit; else a cache of that many leaves. */
+async function modelRun(size: number, ops: Op[], cacheLeaves: number | undefined): Promise<void> {
+  const cache = cacheLeaves === undefined ? undefined : new IndexCache(cacheLeaves * leafPayloadBytes);
+  const harness = new Harness(cache);
+  await harness.init(size);
+  for (const [index, op] of ops.entries()) {
+    await harness.apply(op);
+    await harness.check(`after op ${index} ${JSON.stringify(op).slice(0, 120)}`);
+  }
+  await harness.reopen();
+  await harness.check("after final reopen");
+  const verified = await harness.image.verify();
+  assert.deepEqual(verified.problems, []);
+  if (cache === undefined) return;
+  // Statistics that read evicted leaves agree with the same figures computed all in memory.
+  const evictedStats = new Map<number, unknown>();
+  for (const layer of harness.image.layers.values()) {
+    evictedStats.set(layer.id, await harness.image.layerStatsAsync(layer));
+  }
+  const usage = await usageAsync(harness.volume(harness.heads()[0]!));
+  cache.setLimit(Infinity);
+  for (const layer of harness.image.layers.values()) {
+    await readAsync(harness.volume(layer), Buffer.alloc(layer.sizeBytes), 0);
+    assert.deepEqual(
+      harness.image.layerStats(layer),
+      evictedStats.get(layer.id),
+      `stats of layer ${layer.id}`,
+    );
+  }
+  assert.equal(usage.allocatedBytes, harness.image.layerStats(harness.heads()[0]!).mappedBytes);
+  cacheTotals.evictedReleases += harness.evictedReleases + harness.image.evictedReleases;
+  await harness.image.close();
+  const stats = cache.stats();
+  cacheTotals.evictions += stats.evictions;
+  cacheTotals.loads += stats.loads;
+  cacheTotals.misses += stats.misses;
+  assert.equal(cache.stats().residentNodes, 0, "a closed image leaves nothing in a shared cache");
+  assert.equal(cache.stats().residentBytes, 0);
+}
+
 test("image engine matches a plain model under random operations", { timeout: 600_000 }, async () => {
   await fc.assert(
     fc.asyncProperty(
       fc.integer({ min: 1, max: 8 * 1024 }).map((k) => k * 512),
       fc.array(opArbitrary, { minLength: 1, maxLength: 30 }),
-      async (size, ops) => {
-        const harness = new Harness();
-        await harness.init(size);
-        for (const [index, op] of ops.entries()) {
-          await harness.apply(op);
-          await harness.check(`after op ${index} ${JSON.stringify(op).slice(0, 120)}`);
-        }
-        await harness.image.close();
-        const reopened = await Image.open(harness.backing);
-        harness.image = reopened;
-        await harness.check("after final reopen");
-        const verified = await reopened.verify();
-        assert.deepEqual(verified.problems, []);
-      },
+      (size, ops) => modelRun(size, ops, undefined),
     ),
-    { numRuns: Number(process.env.VDISK_PROPERTY_RUNS ?? 120) },
+    { numRuns: propertyRuns },
   );
 });
+
+test(
+  "image engine matches the model with a tiny index cache (leaves evicted and read back)",
+  { timeout: 600_000 },
+  async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.integer({ min: 1, max: 8 * 1024 }).map((k) => k * 512),
+        // Longer sequences: eviction matters once snapshots, commits and deletions have piled up.
+        fc.array(opArbitrary, { minLength: 10, maxLength: 40 }),
+        fc.constantFrom(0, 1, 2),
+        (size, ops, cacheLeaves) => modelRun(size, ops, cacheLeaves),
+      ),
+      { numRuns: Math.max(1, Math.ceil(propertyRuns / 2)) },
+    );
+    if (propertyRuns < 20) return; // too few runs to be sure every path was taken
+    assert.ok(cacheTotals.evictedReleases > 0, `evicted leaves released ${JSON.stringify(cacheTotals)}`);
+    assert.ok(
+      cacheTotals.evictions > 0 && cacheTotals.loads > 0,
+      `leaves evicted and read back ${JSON.stringify(cacheTotals)}`,
+    );
+    assert.ok(cacheTotals.misses >= cacheTotals.loads, "every load was asked for by a missed lookup");
+  },
+);
 
 test("sequential writes collapse into one unit per span; the index stays tiny", async () => {
   const backing = new MemoryDevice(BACKING_BYTES);
@@ -374,7 +506,7 @@ test("randomly written full leaves are copied into contiguous extents and collap
   }
   await image.settle();
   assert.ok(image.regroups >= 4, `leaves regrouped (${image.regroups})`);
-  assert.deepEqual(image.checkConsistency(), []);
+  assert.deepEqual(await image.checkConsistency(), []);
   const stats = image.layerStats(head);
   assert.ok(stats.indexBytes <= 4096, `index collapsed to at most the root (${stats.indexBytes} bytes)`);
   const actual = Buffer.alloc(size);

@@ -113,7 +113,7 @@ test("vdisk family: snapshots export read-only with dirty bitmaps; clone shares 
 
   // Reload: the family reopens from the catalog.
   const reloaded = await DiskRegistry.open(home);
-  const tree = reloaded.tree("web2");
+  const tree = await reloaded.tree("web2");
   assert.deepEqual(
     tree.roots.map((root) => [root.name, root.children.map((child) => child.name)]),
     [["web@s1", ["web2"]]],
@@ -141,7 +141,7 @@ test("a head the catalog does not list (a clone cut short) is removed at load", 
     logs.some((line) => /removing disk orphan/.test(line)),
     logs.join("\n"),
   );
-  assert.equal(reloaded.tree("base").disks.length, 1);
+  assert.equal((await reloaded.tree("base")).disks.length, 1);
   // The name is free again.
   await reloaded.clone("base", "s", "orphan");
   assert.equal((await reloaded.check("base")).ok, true);
@@ -153,7 +153,7 @@ test("raw disks refuse snapshot commands with WRONG_FORMAT", async () => {
   const registry = await DiskRegistry.open(home);
   await registry.create("plain", 4 * MiB, { format: "raw" });
   await assert.rejects(registry.snapshotCreate("plain", "s"), isError("WRONG_FORMAT"));
-  assert.throws(() => registry.tree("plain"), isError("WRONG_FORMAT"));
+  await assert.rejects(registry.tree("plain"), isError("WRONG_FORMAT"));
   assert.equal(registry.lookup("plain")?.metaContexts, undefined);
   assert.deepEqual(await registry.delete("plain"), { deleted: "plain" });
   await registry.closeAll();
