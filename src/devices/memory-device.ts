@@ -105,6 +105,23 @@ export class MemoryDevice implements BlockDevice {
     process.nextTick(done, null, holes ?? []);
   }
 
+  /** Memory is always "cached": the synchronous fast path always answers. */
+  readNoWait(buf: Buffer, offset: number): boolean {
+    this.assertRange(offset, buf.length);
+    let position = offset;
+    const end = offset + buf.length;
+    while (position < end) {
+      const index = Math.floor(position / memoryPageBytes);
+      const pageStart = index * memoryPageBytes;
+      const chunkEnd = Math.min(end, pageStart + memoryPageBytes);
+      const page = this.pages.get(index);
+      if (page === undefined) buf.fill(0, position - offset, chunkEnd - offset);
+      else page.copy(buf, position - offset, position - pageStart, chunkEnd - pageStart);
+      position = chunkEnd;
+    }
+    return true;
+  }
+
   write(buf: Buffer, offset: number, _fua: boolean, done: Done): void {
     this.assertWritable();
     this.assertRange(offset, buf.length);

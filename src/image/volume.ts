@@ -115,37 +115,43 @@ export class ImageVolume implements BlockDevice {
   /** Cache-hit fast path: only for requests that map to one data run (or to nothing at all). */
   readNoWait(buf: Buffer, offset: number): boolean {
     this.assertRange(offset, buf.length);
-    const backing = this.image.backing;
-    if (!backing.readNoWait) return false;
-    let single: { type: UnitTypeValue; physical: number } | null = null;
-    let runs = 0;
+    if (!this.image.backing.readNoWait) return false;
     const end = offset + buf.length;
+    const firstBlock = Math.floor(offset / BLOCK_BYTES);
+    const endBlock = Math.ceil(end / BLOCK_BYTES);
     // Declines when a leaf is evicted: the read that follows loads it (misses are counted there).
-    if (
-      !this.image.isResident(
-        this.layer,
-        Math.floor(offset / BLOCK_BYTES),
-        Math.ceil(end / BLOCK_BYTES),
-        Need.LOOKUP,
-      )
-    )
-      return false;
-    this.image.map(this.layer, Math.floor(offset / BLOCK_BYTES), Math.ceil(end / BLOCK_BYTES), (run) => {
-      runs++;
-      single = {
-        type: run.type,
-        physical:
-          run.address * BLOCK_BYTES + (Math.max(offset, run.block * BLOCK_BYTES) - run.block * BLOCK_BYTES),
-      };
-    });
-    if (runs !== 1 || single === null) return false;
-    const only = single as { type: UnitTypeValue; physical: number };
-    if (only.type !== UnitType.DATA) {
-      buf.fill(0);
-      return true;
-    }
-    return backing.readNoWait(buf, only.physical);
+    if (!this.image.isResident(this.layer, firstBlock, endBlock, Need.LOOKUP)) return false;
+    // Every run is answered from the page cache or the read declines as a whole (the caller then reads
+    // the whole range again); zero and unmapped runs are zeros. A fragmented range (data written after a
+    // snapshot lands in fresh blocks) thus stays on the fast path instead of one thread-pool hop per run.
+    this.noWaitBuf = buf;
+    this.noWaitOffset = offset;
+    this.noWaitFilled = true;
+    this.image.map(this.layer, firstBlock, endBlock, this.noWaitVisit);
+    this.noWaitBuf = null;
+    return this.noWaitFilled;
   }
+
+  /** readNoWait's state, kept on the volume so the hot path allocates no closure per request. */
+  private noWaitBuf: Buffer | null = null;
+  private noWaitOffset = 0;
+  private noWaitFilled = true;
+  private readonly noWaitVisit = (run: Run): void => {
+    if (!this.noWaitFilled) return;
+    const buf = this.noWaitBuf as Buffer;
+    const offset = this.noWaitOffset;
+    const runStart = Math.max(offset, run.block * BLOCK_BYTES);
+    const runEnd = Math.min(offset + buf.length, (run.block + run.count) * BLOCK_BYTES);
+    const whole = runStart === offset && runEnd === offset + buf.length;
+    const target = whole ? buf : buf.subarray(runStart - offset, runEnd - offset);
+    if (run.type !== UnitType.DATA) {
+      target.fill(0);
+      return;
+    }
+    const physical = run.address * BLOCK_BYTES + (runStart - run.block * BLOCK_BYTES);
+    const backing = this.image.backing as Required<Pick<BlockDevice, "readNoWait">>;
+    if (!backing.readNoWait(target, physical)) this.noWaitFilled = false;
+  };
 
   // ---------------------------------------------------------------------------------------------
   // Writes

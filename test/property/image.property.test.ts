@@ -290,6 +290,20 @@ class Harness {
       const expected = this.model.get(layer.id)!;
       assert.equal(layer.sizeBytes, expected.length, `${where}: size of layer ${layer.id}`);
       const volume = this.volume(layer);
+      // The synchronous fast path, over the whole layer (many runs) and an unaligned middle: when it
+      // answers (it may decline, e.g. for an evicted leaf), it answers exactly what the model holds.
+      const fast = Buffer.alloc(expected.length, 0xa5); // not zeros: zero runs must be filled
+      if (volume.readNoWait(fast, 0))
+        assert.ok(fast.equals(expected), `${where}: readNoWait of layer ${layer.id}`);
+      if (expected.length > 2 * 4096) {
+        const middle = Buffer.alloc(expected.length - 4096 - 1000, 0x5a);
+        if (volume.readNoWait(middle, 1000)) {
+          assert.ok(
+            middle.equals(expected.subarray(1000, 1000 + middle.length)),
+            `${where}: readNoWait middle`,
+          );
+        }
+      }
       const actual = Buffer.alloc(expected.length);
       await readAsync(volume, actual, 0);
       if (!actual.equals(expected)) {
