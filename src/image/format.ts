@@ -53,8 +53,14 @@ const SUPER_MAGIC = Buffer.from("VDISKIMG", "ascii");
 
 /** Blocks spanned by one unit at `level`. */
 export function unitSpanBlocks(level: number): number {
-  return 2 ** (FANOUT_SHIFT * level);
+  const span = unitSpanBlocksByLevel[level];
+  assert(span !== undefined, `no unit span for level ${level}`);
+  return span;
 }
+/** unitSpanBlocks as a table: it is on every lookup's path, and `2 **` with a variable exponent is a pow call. */
+const unitSpanBlocksByLevel: readonly number[] = Array.from({ length: LEVEL_MAX + 3 }, (_, level) =>
+  Math.pow(2, FANOUT_SHIFT * level),
+);
 
 /** Smallest root node level whose node covers `blocks` blocks. */
 export function rootLevelFor(blocks: number): number {

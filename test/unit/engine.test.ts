@@ -471,7 +471,10 @@ describe("RequestEngine: readNoWait", () => {
     assert.equal(engine.stats().fastPathReads, 3);
     assert.equal(probe.noWaitHits, 3);
 
-    const bare = new RequestEngine(new MemoryDevice(MiB)); // no readNoWait below: always declines
+    // A device without readNoWait: the engine always declines.
+    const withoutFastPath = new MemoryDevice(MiB);
+    Object.defineProperty(withoutFastPath, "readNoWait", { value: undefined });
+    const bare = new RequestEngine(withoutFastPath);
     assert.equal(bare.readNoWait(Buffer.alloc(page), 0), false);
   });
 });

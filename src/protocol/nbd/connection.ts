@@ -30,6 +30,7 @@
 import type { Socket } from "node:net";
 import type { BlockDevice, Capabilities, Extent } from "../../devices/block-device";
 import type { Poller } from "./poller";
+import { replyBufferPool } from "./buffer-pool";
 import { ZeroFlags } from "../../devices/block-device";
 import { VdiskError, assert, nbdErrnoOf, type ErrorCode, type NbdErrnoValue, NbdErrno } from "../../errors";
 import * as limits from "../../limits";
@@ -631,28 +632,41 @@ export class Connection {
 
   private doRead(device: BlockDevice, request: NbdRequest): void {
     const prefix = this.structured ? DATA_CHUNK_PREFIX_BYTES : SimpleReplyHeaderBytes;
-    const reply = Buffer.allocUnsafe(prefix + request.length);
+    const pooled = replyBufferPool.acquire(request.length, prefix + request.length);
+    const reply =
+      pooled.length === prefix + request.length ? pooled : pooled.subarray(0, prefix + request.length);
     const data = reply.subarray(prefix);
     this.counters.bytesRead += request.length;
     // Cache hit: answer now, without a thread-pool round trip (see docs/nbd-server.md, "Hot path").
     if (request.length <= READ_NO_WAIT_BYTES_MAX && device.readNoWait?.(data, request.offset)) {
-      this.finishRead(request, reply, data, null);
+      this.finishRead(request, reply, data, null, pooled);
       return;
     }
     this.inflight++;
     device.read(data, request.offset, (err, holes) => {
       this.inflight--;
       if (this.phase === Phase.CLOSED) return;
-      if (err) this.replyError(request, err);
-      else this.finishRead(request, reply, data, holes ?? null);
+      if (err) {
+        this.replyError(request, err);
+        replyBufferPool.release(pooled); // never sent
+      } else {
+        this.finishRead(request, reply, data, holes ?? null, pooled);
+      }
       this.afterCompletion();
     });
   }
 
-  private finishRead(request: NbdRequest, reply: Buffer, data: Buffer, holes: number[] | null): void {
+  /** `pooled` (the buffer under `reply`) goes back to the pool once the socket has written the reply. */
+  private finishRead(
+    request: NbdRequest,
+    reply: Buffer,
+    data: Buffer,
+    holes: number[] | null,
+    pooled: Buffer,
+  ): void {
     this.recordReply(request, null);
     if (this.structured && holes && holes.length > 0 && (request.flags & CmdFlag.DF) === 0) {
-      this.replySparseRead(request, data, holes);
+      this.replySparseRead(request, data, holes, pooled);
       return;
     }
     if (this.structured) {
@@ -661,7 +675,7 @@ export class Connection {
     } else {
       writeSimpleHeader(reply, request, 0);
     }
-    this.send(reply);
+    this.send(reply, pooled);
   }
 
   /**
@@ -761,14 +775,28 @@ export class Connection {
   // ---------------------------------------------------------------------------------------------
   // Replies
 
-  private send(buffer: Buffer): void {
+  /** Queue `buffer` on the socket; `release` (a pooled reply buffer) returns to the pool once written. */
+  private send(buffer: Buffer, release: Buffer | null = null): void {
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
       setImmediate(this.uncork);
     }
-    this.socket.write(buffer);
+    if (release === null) {
+      this.socket.write(buffer);
+    } else {
+      this.releases.push(release);
+      this.socket.write(buffer, this.releaseWritten);
+    }
   }
+
+  /** Pooled buffers waiting for their write callbacks, in write order (callbacks run in that order). */
+  private readonly releases: Buffer[] = [];
+  private readonly releaseWritten = (): void => {
+    const buffer = this.releases.shift();
+    assert(buffer !== undefined, "a write callback for every pooled reply");
+    replyBufferPool.release(buffer);
+  };
 
   private replySimple(request: NbdRequest, errno: number): void {
     if (errno === 0) this.recordReply(request, null); // errors were recorded by replyError
@@ -807,7 +835,7 @@ export class Connection {
   }
 
   /** A read with known holes: OFFSET_DATA chunks for data, OFFSET_HOLE chunks for holes; DONE on the last. */
-  private replySparseRead(request: NbdRequest, data: Buffer, holes: number[]): void {
+  private replySparseRead(request: NbdRequest, data: Buffer, holes: number[], pooled: Buffer): void {
     const chunks: Array<{ start: number; length: number; hole: boolean }> = [];
     let position = 0;
     for (let i = 0; i < holes.length; i += 2) {
@@ -820,19 +848,23 @@ export class Connection {
     }
     if (position < data.length) chunks.push({ start: position, length: data.length - position, hole: false });
     chunks.forEach((chunk, index) => {
-      const flags = index === chunks.length - 1 ? ReplyFlag.DONE : 0;
+      const last = index === chunks.length - 1;
+      const flags = last ? ReplyFlag.DONE : 0;
+      // The last write carries the pool release: write callbacks run in order, so by then every slice
+      // of `data` sent before it has been written too.
+      const release = last ? pooled : null;
       if (chunk.hole) {
         const header = Buffer.allocUnsafe(StructuredReplyHeaderBytes + 12);
         writeStructuredHeader(header, request, flags, ReplyType.OFFSET_HOLE, 12);
         writeUInt64(header, request.offset + chunk.start, StructuredReplyHeaderBytes);
         header.writeUInt32BE(chunk.length, StructuredReplyHeaderBytes + 8);
-        this.send(header);
+        this.send(header, release);
       } else {
         const header = Buffer.allocUnsafe(DATA_CHUNK_PREFIX_BYTES);
         writeStructuredHeader(header, request, flags, ReplyType.OFFSET_DATA, 8 + chunk.length);
         writeUInt64(header, request.offset + chunk.start, StructuredReplyHeaderBytes);
         this.send(header);
-        this.send(data.subarray(chunk.start, chunk.start + chunk.length));
+        this.send(data.subarray(chunk.start, chunk.start + chunk.length), release);
       }
     });
   }
