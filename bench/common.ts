@@ -1,7 +1,7 @@
 /**
- * Helpers shared by the benchmark scripts (run.ts, image.ts, and scripts such as a knob study that reuse
- * the harness): the workload rows, running commands and fio (nbd engine) and reading its JSON, sampling a
- * process's resident size, medians and formatting, and a description of the machine for the results file.
+ * Helpers shared by the benchmark scripts (run.ts, image.ts, knobs.ts): the workload rows, running
+ * commands and fio (nbd engine) and reading its JSON, sampling a process's resident size, medians and
+ * formatting, and a description of the machine for the results file.
  * Paths are taken from __dirname (dist/bench/ once compiled), so the scripts run from any directory.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
@@ -117,27 +117,54 @@ export async function fio(
   ramp: number,
   output: string,
 ): Promise<Measurement> {
+  const result = await fioJob(
+    uri,
+    [
+      `--rw=${row.rw}`,
+      `--bs=${row.bs}`,
+      `--iodepth=${row.iodepth}`,
+      "--time_based",
+      `--runtime=${seconds}`,
+      `--ramp_time=${ramp}`,
+      "--norandommap",
+      "--randrepeat=0",
+    ],
+    output,
+  );
+  const value = row.unit === "IOPS" ? result.iops : result.bytesPerSecond / 1e9;
+  return { value, latencyUsMean: result.latencyUsMean, latencyUsP99: result.latencyUsP99 };
+}
+
+export interface FioResult {
+  iops: number;
+  bytesPerSecond: number;
+  /** Mean total latency (submission to completion) and the 99th percentile of completion latency. */
+  latencyUsMean: number;
+  latencyUsP99: number;
+}
+
+/**
+ * One fio job (nbd engine) against an NBD URI with `options` (--rw, --bs, --iodepth, ...), its JSON report
+ * written to `output`: the figures of its read side, or of its write side if it wrote more bytes.
+ */
+export async function fioJob(uri: string, options: string[], output: string): Promise<FioResult> {
   await runAsync("fio", [
     "--name=bench",
     "--ioengine=nbd",
     `--uri=${uri}`,
-    `--rw=${row.rw}`,
-    `--bs=${row.bs}`,
-    `--iodepth=${row.iodepth}`,
-    "--time_based",
-    `--runtime=${seconds}`,
-    `--ramp_time=${ramp}`,
-    "--norandommap",
-    "--randrepeat=0",
+    ...options,
     "--output-format=json",
     `--output=${output}`,
   ]);
   const report = JSON.parse(fs.readFileSync(output, "utf8"));
   const job = report.jobs[0];
-  const side = row.rw.includes("write") ? job.write : job.read;
-  const value = row.unit === "IOPS" ? side.iops : side.bw_bytes / 1e9;
-  const p99 = side.clat_ns?.percentile?.["99.000000"] ?? 0;
-  return { value, latencyUsMean: side.lat_ns.mean / 1000, latencyUsP99: p99 / 1000 };
+  const side = job.write.io_bytes > job.read.io_bytes ? job.write : job.read;
+  return {
+    iops: side.iops,
+    bytesPerSecond: side.bw_bytes,
+    latencyUsMean: side.lat_ns.mean / 1000,
+    latencyUsP99: (side.clat_ns?.percentile?.["99.000000"] ?? 0) / 1000,
+  };
 }
 
 /** Resident size and its peak (VmRSS, VmHWM) of a live process, in bytes; null once it is gone. */
@@ -247,4 +274,15 @@ export function describeMachine(): Record<string, unknown> {
     nbdkit: version("nbdkit", ["--version"]),
     loadAverageAtStart: os.loadavg(),
   };
+}
+
+/** The commit of the tree being measured (with "+dirty" if it has changes), or null outside git. */
+export function gitCommit(): string | null {
+  try {
+    const commit = run("git", ["-C", ROOT, "rev-parse", "HEAD"]).trim();
+    const dirty = run("git", ["-C", ROOT, "status", "--porcelain", "--untracked-files=no"]).trim() !== "";
+    return dirty ? `${commit}+dirty` : commit;
+  } catch {
+    return null;
+  }
 }

@@ -58,17 +58,16 @@ import { printImageResults, runImageBench, type ImageBenchResults } from "./imag
 import {
   type Row,
   RESULTS_DIR,
-  ROOT,
   ROWS,
   describeMachine,
   env,
   envArgs,
   format,
   formatMiB,
+  gitCommit,
   makeMaster,
   median,
   printTable,
-  run,
 } from "./common";
 import { type BenchContext, type Server, type ServerPass, SERVERS, measureServer } from "./servers";
 
@@ -359,17 +358,6 @@ async function main(): Promise<void> {
   fs.writeFileSync(file, JSON.stringify(out, null, 2) + "\n");
   const underCwd = file.startsWith(process.cwd() + path.sep);
   console.log(`\nresults: ${underCwd ? path.relative(process.cwd(), file) : file}`);
-}
-
-/** The commit of the tree being measured (with "+dirty" if it has changes), or null outside git. */
-function gitCommit(): string | null {
-  try {
-    const commit = run("git", ["-C", ROOT, "rev-parse", "HEAD"]).trim();
-    const dirty = run("git", ["-C", ROOT, "status", "--porcelain", "--untracked-files=no"]).trim() !== "";
-    return dirty ? `${commit}+dirty` : commit;
-  } catch {
-    return null;
-  }
 }
 
 main().catch((err) => {
