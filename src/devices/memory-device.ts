@@ -78,6 +78,18 @@ export class MemoryDevice implements BlockDevice {
 
   read(buf: Buffer, offset: number, done: ReadDone): void {
     this.assertRange(offset, buf.length);
+    process.nextTick(done, null, this.copyOut(buf, offset));
+  }
+
+  /** Memory is always "cached": the synchronous fast path always answers. */
+  readNoWait(buf: Buffer, offset: number): boolean {
+    this.assertRange(offset, buf.length);
+    this.copyOut(buf, offset);
+    return true;
+  }
+
+  /** Copy [offset, offset + buf.length) into `buf`; returns the holes (never-written pages), as `read` reports them. */
+  private copyOut(buf: Buffer, offset: number): number[] {
     let holes: number[] | null = null;
     let position = offset;
     const end = offset + buf.length;
@@ -102,24 +114,7 @@ export class MemoryDevice implements BlockDevice {
       }
       position = chunkEnd;
     }
-    process.nextTick(done, null, holes ?? []);
-  }
-
-  /** Memory is always "cached": the synchronous fast path always answers. */
-  readNoWait(buf: Buffer, offset: number): boolean {
-    this.assertRange(offset, buf.length);
-    let position = offset;
-    const end = offset + buf.length;
-    while (position < end) {
-      const index = Math.floor(position / memoryPageBytes);
-      const pageStart = index * memoryPageBytes;
-      const chunkEnd = Math.min(end, pageStart + memoryPageBytes);
-      const page = this.pages.get(index);
-      if (page === undefined) buf.fill(0, position - offset, chunkEnd - offset);
-      else page.copy(buf, position - offset, position - pageStart, chunkEnd - pageStart);
-      position = chunkEnd;
-    }
-    return true;
+    return holes ?? [];
   }
 
   write(buf: Buffer, offset: number, _fua: boolean, done: Done): void {

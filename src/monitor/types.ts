@@ -4,6 +4,8 @@
  * readers compute rates from two snapshots (`timeMs` tells them how far apart).
  */
 
+import type { IndexCacheStats } from "../image/index-cache";
+
 /** Request kinds counted separately. */
 export const opKinds = ["read", "write", "zero", "trim", "flush", "cache", "blockStatus"] as const;
 export type OpKind = (typeof opKinds)[number];
@@ -122,14 +124,5 @@ export interface StatsSnapshot {
   indexCache?: IndexCacheCounters;
 }
 
-/** The daemon's index-node cache (src/image/index-cache.ts); limitBytes is null when unlimited. */
-export interface IndexCacheCounters {
-  limitBytes: number | null;
-  residentBytes: number;
-  residentNodes: number;
-  evictableNodes: number;
-  hits: number;
-  misses: number;
-  loads: number;
-  evictions: number;
-}
+/** The daemon's index-node cache (src/image/index-cache.ts); limitBytes is null when unlimited (JSON). */
+export type IndexCacheCounters = Omit<IndexCacheStats, "limitBytes"> & { limitBytes: number | null };

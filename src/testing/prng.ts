@@ -142,3 +142,17 @@ export class Prng {
 function rotl(value: number, shift: number): number {
   return (value << shift) | (value >>> (32 - shift));
 }
+
+/**
+ * Bytes that are never zero and differ per seed (a small LCG), so that "not written" is always visible
+ * in a comparison. Cheap and deterministic; for test data, not randomness.
+ */
+export function nonZeroPattern(length: number, seed: number): Buffer {
+  const buf = Buffer.alloc(length);
+  let x = (seed * 2654435761 + 1) >>> 0;
+  for (let index = 0; index < length; index++) {
+    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+    buf[index] = (x >>> 16) | 1;
+  }
+  return buf;
+}

@@ -24,20 +24,11 @@ import { VdiskError } from "../../src/errors";
 import { KiB } from "../../src/limits";
 import { CrashDevice } from "../../src/testing/crash-device";
 import { ModelDisk } from "../../src/testing/model-disk";
-import { Prng } from "../../src/testing/prng";
+import { Prng, nonZeroPattern } from "../../src/testing/prng";
 
 const sector = 512;
 
-/** Bytes that are never zero, distinct per seed, so "not written" is always visible. */
-function pattern(length: number, seed: number): Buffer {
-  const buf = Buffer.alloc(length);
-  let x = (seed * 2654435761 + 1) >>> 0;
-  for (let index = 0; index < length; index++) {
-    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
-    buf[index] = (x >>> 16) | 1;
-  }
-  return buf;
-}
+const pattern = nonZeroPattern;
 
 function device(
   size: number,

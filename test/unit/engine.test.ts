@@ -21,6 +21,7 @@ import {
 import { VdiskError } from "../../src/errors";
 import { KiB, MiB } from "../../src/limits";
 import { ProbeDevice, type ProbeOptions } from "../../src/testing/probe-device";
+import { nonZeroPattern } from "../../src/testing/prng";
 
 const page = 4 * KiB;
 
@@ -70,15 +71,7 @@ function close(engine: RequestEngine): Promise<Outcome> {
 }
 
 /** Bytes never zero, distinct per seed. */
-function pattern(length: number, seed: number): Buffer {
-  const buf = Buffer.alloc(length);
-  let x = (seed * 2654435761 + 1) >>> 0;
-  for (let index = 0; index < length; index++) {
-    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
-    buf[index] = (x >>> 16) | 1;
-  }
-  return buf;
-}
+const pattern = nonZeroPattern;
 
 function setup(
   settings: Partial<EngineSettings> = {},
