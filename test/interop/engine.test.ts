@@ -71,14 +71,14 @@ test("vdisk info shows the engine's default settings", () => {
   const view = engine("img");
   assert.deepEqual(view.settings, {
     merge: true,
-    maxRequestBytes: 1024 * 1024,
+    maxRequestBytes: 32 * 1024 * 1024,
     queueDepth: 64,
     sort: "auto",
   });
   assert.equal(view.sorting, false, "a file on this machine is not rotational: auto means off");
   const text = daemon.vdisk(["info", "img"]);
   assert.equal(text.status, 0, text.stderr);
-  assert.match(text.stdout, /engine: +merge on, max request 1 MiB, queue depth 64, sort auto \(off\)/);
+  assert.match(text.stdout, /engine: +merge on, max request 32 MiB, queue depth 64, sort auto \(off\)/);
 });
 
 test("vdisk set refuses bad settings with a message saying what is allowed, and changes nothing", () => {
@@ -161,13 +161,13 @@ test("settings are kept in the catalog across a restart; back to defaults remove
     "--sort",
     "auto",
     "--max-request",
-    "1M",
+    "32M",
     "--queue-depth",
     "64",
   ]);
   assert.deepEqual(engine("img").settings, {
     merge: true,
-    maxRequestBytes: 1024 * 1024,
+    maxRequestBytes: 32 * 1024 * 1024,
     queueDepth: 64,
     sort: "auto",
   });

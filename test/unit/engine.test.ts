@@ -506,7 +506,7 @@ describe("RequestEngine: settings", () => {
     assert.deepEqual(checkEngineSettings({}), defaultEngineSettings);
     assert.deepEqual(defaultEngineSettings, {
       merge: true,
-      maxRequestBytes: MiB,
+      maxRequestBytes: 32 * MiB,
       queueDepth: 64,
       sort: "auto",
     });
