@@ -30,6 +30,7 @@ import { closeAsync, flushAsync, resizeAsync, usageAsync } from "../devices/prom
 import { FileDevice } from "../devices/file-device";
 import { LatencyDevice, parseLatencyModel } from "../devices/latency-device";
 import { IndexCache } from "../image/index-cache";
+import type { ImageEngineStats } from "../monitor/types";
 import {
   type EngineSettings,
   type EngineStats,
@@ -180,18 +181,8 @@ export interface MonitorDisk {
   engine: EngineStats;
 }
 
-/** An open vdisk image as the monitor sees it (registry.monitorImages). */
-export interface MonitorImage {
-  /** Relative to the home. */
-  file: string;
-  disks: string[];
-  commits: number;
-  regroups: number;
-  fileBytes: number;
-  dataBytes: number;
-  indexBytes: number;
-  freeBytes: number;
-}
+/** An open vdisk image as the monitor sees it (registry.monitorImages): the stats snapshot's shape. */
+export type MonitorImage = ImageEngineStats;
 
 export interface DeleteResult {
   deleted: string;

@@ -12,7 +12,7 @@
  */
 import * as fs from "node:fs";
 import { type IntervalHistogram, monitorEventLoopDelay } from "node:perf_hooks";
-import type { MonitorDisk, MonitorImage } from "../daemon/registry";
+import type { MonitorDisk } from "../daemon/registry";
 import type { NbdServerStats } from "../protocol/nbd/server";
 import { emptyOpCounters, type StatsRecorder } from "./recorder";
 import type { EngineStats } from "../engine/request-engine";
@@ -30,7 +30,7 @@ export interface StatsSources {
   registry: {
     monitorDisks(): MonitorDisk[];
     allocatedBytes(): Promise<Map<string, number>>;
-    monitorImages(): MonitorImage[];
+    monitorImages(): ImageEngineStats[];
     pools(): Array<{ name: string; dir: string }>;
   };
   recorder: StatsRecorder;
@@ -48,17 +48,8 @@ interface Usage {
 }
 
 function engineCounters(stats: EngineStats): EngineCounters {
-  return {
-    submitted: stats.submitted,
-    dispatched: stats.dispatched,
-    merged: stats.merged,
-    split: stats.split,
-    fastPathReads: stats.fastPathReads,
-    waitedForOverlap: stats.waitedForOverlap,
-    queued: stats.queued,
-    inflight: stats.inflight,
-    queuedMax: stats.queuedMax,
-  };
+  const { settings: _settings, sorting: _sorting, ...counters } = stats;
+  return counters;
 }
 
 /** Event-loop delay over the last window, from perf_hooks.monitorEventLoopDelay. */

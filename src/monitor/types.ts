@@ -4,6 +4,7 @@
  * readers compute rates from two snapshots (`timeMs` tells them how far apart).
  */
 
+import type { EngineStats } from "../engine/request-engine";
 import type { IndexCacheStats } from "../image/index-cache";
 
 /** Request kinds counted separately. */
@@ -42,18 +43,8 @@ export interface ClientStats {
   ops: Record<OpKind, OpCounters>;
 }
 
-/** The request engine's counters for one disk (src/engine/request-engine.ts). */
-export interface EngineCounters {
-  submitted: number;
-  dispatched: number;
-  merged: number;
-  split: number;
-  fastPathReads: number;
-  waitedForOverlap: number;
-  queued: number;
-  inflight: number;
-  queuedMax: number;
-}
+/** The request engine's counters for one disk (src/engine/request-engine.ts): its stats without settings. */
+export type EngineCounters = Omit<EngineStats, "settings" | "sorting">;
 
 export interface DiskStats {
   name: string;
