@@ -98,6 +98,12 @@ export class IndexNode implements CacheEntry {
   /** Child nodes of NODE units; every leaf shares `noChildren`. */
   readonly children: Array<IndexNode | undefined>;
   refs = 0;
+  /**
+   * The epoch in which the node last lost a reference and kept others (-1: never). Until the commit of
+   * that epoch is durable, the committed tree still reaches the node through the dropped reference, so
+   * the node is not exclusive even at `refs` 1 (`Image.nodeExclusive`).
+   */
+  sharedEpoch = -1;
   /** Where the node is on disk; -1 while it was never written. */
   diskAddress = -1;
   dirty = true;
@@ -224,6 +230,14 @@ export class Image {
   private layersDirty = false;
   private nodesDirty = false;
   private pendingFrees: PendingFree[] = [];
+  /**
+   * Data blocks that lost a reference since the last durable commit, counted once per loss: the committed
+   * tree may still reach them through it, so they are not overwritten in place even when `dataRefs` says
+   * one reference is left (another disk's durable mapping would see the new data after a power cut).
+   * `pinList` stamps each with its epoch; the commit of that epoch releases it.
+   */
+  readonly pinned = new RefcountMap();
+  private pinList: PendingFree[] = [];
   /** Incremented at the start of each commit; frees and I/O are stamped with it. */
   private epoch = 1;
   private committedEpoch = 0;
@@ -828,16 +842,55 @@ export class Image {
       assert(slot.node, "NODE slot has its node loaded");
       this.releaseNode(slot.node);
     } else if (slot.type === UnitType.DATA) {
-      for (const [start, length] of this.dataRefs.decRef(slot.address, unitSpanBlocks(level))) {
-        this.freeLater(start, length);
-      }
+      this.dropDataRef(slot.address, unitSpanBlocks(level));
     }
+  }
+
+  /** One reference to data blocks is gone: free what nothing references, pin the rest until committed. */
+  private dropDataRef(start: number, length: number): void {
+    const zeroed = this.dataRefs.decRef(start, length);
+    let covered = 0;
+    for (const [freeStart, freeLength] of zeroed) {
+      this.freeLater(freeStart, freeLength);
+      covered += freeLength;
+    }
+    if (covered < length) {
+      this.pinned.addRef(start, length);
+      this.pinList.push({ start, length, epoch: this.epoch });
+    }
+  }
+
+  /** Release the pins of data references dropped in epochs the commit that just ended covers. */
+  private releasePins(commitEpoch: number): void {
+    if (this.pinList.length === 0) return;
+    const keep: PendingFree[] = [];
+    for (const entry of this.pinList) {
+      if (entry.epoch <= commitEpoch) this.pinned.decRef(entry.start, entry.length);
+      else keep.push(entry);
+    }
+    this.pinList = keep;
+  }
+
+  /**
+   * Whether `length` data blocks from `start`, reached through an exclusive path, may be overwritten in
+   * place: referenced once in memory, and no reference to them dropped since the last durable commit.
+   */
+  writableInPlace(start: number, length: number): boolean {
+    return this.dataRefs.maxCount(start, length) === 1 && this.pinned.maxCount(start, length) === 0;
+  }
+
+  /** A node is exclusive: one reference in memory, and none dropped since the last durable commit. */
+  private nodeExclusive(node: IndexNode): boolean {
+    return node.refs === 1 && node.sharedEpoch < this.committedEpoch;
   }
 
   private releaseNode(node: IndexNode): void {
     assert(node.refs > 0, "node released more often than retained");
     node.refs--;
-    if (node.refs > 0) return;
+    if (node.refs > 0) {
+      node.sharedEpoch = this.epoch;
+      return;
+    }
     if (node.types === null) {
       // An evicted leaf: what it references is known only on disk. Its block stays allocated until
       // the background release has read it and dropped its data's references.
@@ -915,6 +968,7 @@ export class Image {
       }
     }
     node.refs--;
+    node.sharedEpoch = this.epoch;
     copy.refs = 1;
     return copy;
   }
@@ -1235,10 +1289,7 @@ export class Image {
       return;
     }
     for (let i = 0; i < FANOUT; i++) {
-      if (types[i] === UnitType.DATA) {
-        for (const [start, length] of this.dataRefs.decRef(addresses[i] as number, 1))
-          this.freeLater(start, length);
-      }
+      if (types[i] === UnitType.DATA) this.dropDataRef(addresses[i] as number, 1);
     }
     this.freeLater(node.diskAddress, 1);
     node.diskAddress = -1;
@@ -1298,7 +1349,7 @@ export class Image {
     const node = slot.node as IndexNode;
     const types = typesOf(node);
     const addresses = addressesOf(node);
-    const childExclusive = exclusive && node.refs === 1;
+    const childExclusive = exclusive && this.nodeExclusive(node);
     const childSpan = span / FANOUT;
     const first = Math.floor((lo - slotStart) / childSpan);
     const last = Math.ceil((hi - slotStart) / childSpan);
@@ -1780,6 +1831,7 @@ export class Image {
 
   private finishCommit(commitEpoch: number): void {
     this.committedEpoch = Math.max(this.committedEpoch, commitEpoch + 1);
+    this.releasePins(commitEpoch);
     this.commits++;
     this.releaseFrees();
   }

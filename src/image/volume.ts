@@ -343,7 +343,7 @@ export class ImageVolume implements BlockDevice {
       if (
         run.type === UnitType.DATA &&
         run.pathExclusive &&
-        image.dataRefs.maxCount(run.address, run.count) === 1
+        image.writableInPlace(run.address, run.count)
       ) {
         pending++;
         image.backing.write(slice(run.block, run.count), run.address * BLOCK_BYTES, false, finish);

@@ -269,3 +269,54 @@ test("image survives power loss at random points", { timeout: 900_000 }, async (
   }
   assert.equal(crashedMidway, seeds.length);
 });
+
+/**
+ * The case seed 221 found once punches were deferred: two disks share data in the durable tree; one
+ * drops its reference in memory only — by rewriting the range (to new blocks: its leaf is still shared,
+ * or already its own copy), or by trimming the whole leaf that maps it — then the other writes the same
+ * range. In memory the data (or the leaf) now has one
+ * reference, but the durable tree still gives it to the first disk, so the second write must not go in
+ * place: after a power cut that keeps every unflushed write, the first disk must read what it had
+ * flushed or what it did, never the other disk's data.
+ */
+test("data another disk's durable mapping reaches is not overwritten in place", async () => {
+  const leafBytes = 512 * 4096;
+  for (const drop of ["rewrite", "rewrite own leaf", "trim"] as const) {
+    for (const evict of [false, true]) {
+      const label = `${drop}, evict ${evict}`;
+      const device = new CrashDevice(BACKING_BYTES, { prng: new Prng(7), reorder: false });
+      const cache = (): IndexCache | undefined => (evict ? new IndexCache(0) : undefined);
+      const image = await Image.create(
+        device,
+        { name: "d0", sizeBytes: 2 * leafBytes },
+        { indexCache: cache() },
+      );
+      const volume = (disk: string): ImageVolume => new ImageVolume(image, image.head(disk) as Layer);
+      const flushed = Buffer.alloc(16 * 1024, 0xaa);
+      const rewritten = Buffer.alloc(16 * 1024, drop === "trim" ? 0 : 0xbb);
+      const other = Buffer.alloc(16 * 1024, 0xcc);
+      await writeAsync(volume("d0"), flushed, 0);
+      await flushAsync(volume("d0"));
+      await image.createSnapshot("d0", "s");
+      await image.clone(image.snapshot("d0", "s")!, "d1");
+      await image.deleteLayer(image.snapshot("d0", "s")!);
+      if (drop === "rewrite own leaf") {
+        // d0 copies the shared leaf (writing elsewhere in it) and commits: both leaves map the data.
+        await writeAsync(volume("d0"), Buffer.alloc(4096, 0xdd), 64 * 1024);
+        await flushAsync(volume("d0"));
+      }
+      if (drop === "trim") await trimAsync(volume("d0"), 0, leafBytes);
+      else await writeAsync(volume("d0"), rewritten, 0);
+      await writeAsync(volume("d1"), other, 0);
+      device.crash({ land: 1, tear: "none" });
+      const reopened = await Image.open(device.reopen(), { indexCache: cache() });
+      const d0 = Buffer.alloc(16 * 1024);
+      await readAsync(new ImageVolume(reopened, reopened.head("d0") as Layer), d0, 0);
+      assert.ok(d0.equals(flushed) || d0.equals(rewritten), `d0 reads 0x${d0[0]?.toString(16)} (${label})`);
+      const d1 = Buffer.alloc(16 * 1024);
+      await readAsync(new ImageVolume(reopened, reopened.head("d1") as Layer), d1, 0);
+      assert.ok(d1.equals(flushed) || d1.equals(other), `d1 reads 0x${d1[0]?.toString(16)} (${label})`);
+      await reopened.close();
+    }
+  }
+});
