@@ -815,13 +815,35 @@ export class Image {
     }
     if (release.length === 0) return;
     this.pendingFrees = keep;
+    // Punch the blocks out so the file stays thin; they become allocatable only once punched, so a
+    // later write to them cannot be overtaken by the punch. Adjacent ranges are punched together, and one
+    // punch at a time: thousands of scattered 4 KiB frees (a rewrite after a snapshot) queued at once
+    // filled libuv's thread pool and the inode lock ahead of the clients' I/O (the benchmark's 1 MiB
+    // writes on a 64-deep chain ran at 0.05 GB/s).
+    release.sort((a, b) => a.start - b.start);
     for (const entry of release) {
-      // Punch the blocks out so the file stays thin; they become allocatable only once punched,
-      // so a later write to them cannot be overtaken by the punch.
-      trimAsync(this.backing, entry.start * BLOCK_BYTES, entry.length * BLOCK_BYTES).then(
-        () => this.space.free(entry.start, entry.length),
-        () => this.space.free(entry.start, entry.length),
+      const last = this.punchQueue[this.punchQueue.length - 1];
+      if (last !== undefined && last.start + last.length === entry.start) last.length += entry.length;
+      else this.punchQueue.push({ start: entry.start, length: entry.length, epoch: entry.epoch });
+    }
+    if (this.punching === null) {
+      this.punching = this.runPunches().finally(() => {
+        this.punching = null;
+      });
+    }
+  }
+
+  /** Ranges released and waiting to be punched (then freed), in order; one punch in flight at a time. */
+  private readonly punchQueue: PendingFree[] = [];
+  private punching: Promise<void> | null = null;
+
+  private async runPunches(): Promise<void> {
+    while (this.punchQueue.length > 0) {
+      const entry = this.punchQueue.shift() as PendingFree;
+      await trimAsync(this.backing, entry.start * BLOCK_BYTES, entry.length * BLOCK_BYTES).catch(
+        () => undefined, // the blocks are free either way; they just stay allocated in the file
       );
+      this.space.free(entry.start, entry.length);
     }
   }
 
@@ -1866,7 +1888,10 @@ export class Image {
 
   /** Resolves once no background regrouping is running (tests, benchmarks). */
   async settle(): Promise<void> {
-    while (this.regroupRunning) await this.regroupRunning;
+    while (this.regroupRunning || this.punching) {
+      if (this.regroupRunning) await this.regroupRunning;
+      if (this.punching) await this.punching;
+    }
   }
 
   async close(): Promise<void> {
@@ -1875,6 +1900,7 @@ export class Image {
     if (this.regroupRunning) await this.regroupRunning;
     if (!this.readOnly) await this.commit();
     await this.drainReleases();
+    while (this.punching) await this.punching;
     await Promise.allSettled([...this.loading.values()]);
     this.closed = true;
     if (this.commitTimer) clearTimeout(this.commitTimer);
