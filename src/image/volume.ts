@@ -38,6 +38,11 @@ import {
 import { BLOCK_BYTES, FANOUT, UnitType, type UnitTypeValue } from "./format";
 import { type Image, type Layer, Need, type NeedValue, type Run } from "./image";
 
+/**
+ * Writes at least this large that would land partly in place and partly in new blocks go wholly to new
+ * contiguous blocks instead (see writeMapped): one device write and one extent instead of a patchwork.
+ */
+export const relocateWriteBytesMin = 64 * 1024;
 /** Extents returned by one blockStatus call. */
 export const volumeBlockStatusExtentsMax = 1024;
 /** Blocks a long-range verb maps at a time: at most 64 leaves (and their pins) per window (128 MiB). */
@@ -339,20 +344,32 @@ export class ImageVolume implements BlockDevice {
       data.subarray((block - firstBlock) * BLOCK_BYTES, (block - firstBlock + count) * BLOCK_BYTES);
 
     const fresh: Array<{ block: number; count: number }> = [];
+    const inPlace: Array<{ block: number; count: number; address: number }> = [];
     image.map(layer, firstBlock, endBlock, (run) => {
       if (
         run.type === UnitType.DATA &&
         run.pathExclusive &&
         image.writableInPlace(run.address, run.count)
       ) {
-        pending++;
-        image.backing.write(slice(run.block, run.count), run.address * BLOCK_BYTES, false, finish);
+        inPlace.push({ block: run.block, count: run.count, address: run.address });
       } else {
         const last = fresh[fresh.length - 1];
         if (last && last.block + last.count === run.block) last.count += run.count;
         else fresh.push({ block: run.block, count: run.count });
       }
     });
+    if (fresh.length > 0 && inPlace.length > 0 && data.length >= relocateWriteBytesMin) {
+      // A large write over a patchwork of exclusive and shared blocks (a head rewritten after a
+      // snapshot): write it whole to new contiguous space rather than as one small write per run. The
+      // exclusive blocks it replaces are freed by the mapping switch; the range stays one extent.
+      inPlace.length = 0;
+      fresh.length = 0;
+      fresh.push({ block: firstBlock, count: endBlock - firstBlock });
+    }
+    for (const run of inPlace) {
+      pending++;
+      image.backing.write(slice(run.block, run.count), run.address * BLOCK_BYTES, false, finish);
+    }
     if (fresh.length > 0) {
       // Allocate next to the left neighbour's data so sequential writes stay contiguous.
       const segments: Array<{ block: number; count: number; physical: number }> = [];
