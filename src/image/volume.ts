@@ -346,11 +346,7 @@ export class ImageVolume implements BlockDevice {
     const fresh: Array<{ block: number; count: number }> = [];
     const inPlace: Array<{ block: number; count: number; address: number }> = [];
     image.map(layer, firstBlock, endBlock, (run) => {
-      if (
-        run.type === UnitType.DATA &&
-        run.pathExclusive &&
-        image.writableInPlace(run.address, run.count)
-      ) {
+      if (run.type === UnitType.DATA && run.pathExclusive && image.writableInPlace(run.address, run.count)) {
         inPlace.push({ block: run.block, count: run.count, address: run.address });
       } else {
         const last = fresh[fresh.length - 1];

@@ -200,7 +200,12 @@ test("request parser: a valid request stream parses the same however it is split
         const pieces = runRequests(split(bytes, cuts));
         assert.equal(whole.error, null);
         assert.equal(whole.requests.length, requests.length);
-        const normalise = (r: NbdRequest) => ({ ...r, payload: r.payload ? [...r.payload] : null });
+        // Where the payload lives (a view of a chunk, or a pooled buffer) depends on the split.
+        const normalise = (r: NbdRequest) => ({
+          ...r,
+          payload: r.payload ? [...r.payload] : null,
+          pooled: null,
+        });
         assert.deepEqual(pieces.requests.map(normalise), whole.requests.map(normalise));
         requests.forEach((r, i) => {
           const parsed = whole.requests[i] as NbdRequest;

@@ -1,70 +1,99 @@
 /**
- * ReplyBufferPool: reusable buffers for read replies, so that the hot path does not allocate (and the
- * garbage collector does not later sweep) one ArrayBuffer per read.
+ * BufferPool: reusable buffers for read replies and write payloads, so that the hot path does not
+ * allocate (and the garbage collector does not later mark and sweep) one off-heap ArrayBuffer per request.
  *
- * Why: every 4 KiB read needs a reply buffer (header + data) that lives until the socket has written it.
- * Allocated fresh, each is a new off-heap ArrayBuffer: perf on 4 KiB random reads at QD32 showed ~12 % of
- * the daemon's CPU in malloc/free and V8's major-GC marking and sweeping driven by that external memory.
- * A pooled buffer goes back to its class once the socket's write callback for its last byte has run (the
- * kernel has copied it), or at once when it was never sent (an error reply).
+ * Why: every read needs a reply buffer (header + data) that lives until the socket has written it, and
+ * every write whose payload spans socket chunks needs a buffer to gather it in, which lives until the
+ * device has written it. Allocated fresh, each is a new off-heap ArrayBuffer whose external memory drives
+ * V8's major GCs: perf on 4 KiB random reads at QD32 showed ~12 % of the daemon's CPU in malloc/free and
+ * GC marking and sweeping; on 1 MiB sequential writes at QD8, ~20 % in concurrent marking and sweeping.
  *
- * Classes are powers of two from 4 KiB to `pooledPayloadBytesMax` of payload, plus room for the reply's
- * header. Each class keeps at most `pooledBytesPerClassMax` bytes of idle buffers; larger reads and a full
- * class fall back to plain allocation. A buffer is in exactly one place: the pool, or a request.
+ * A reply buffer goes back once the socket's write callback for its last byte has run (the kernel has
+ * copied it), or at once when it was never sent (an error reply); a write payload goes back when the
+ * device's callback for the write has run (every consumer — the request engine's splits and merges, the
+ * image volume's segments — calls back only after its last use of the buffer).
+ *
+ * Classes are powers of two from `payloadBytesMin` to `payloadBytesMax` of payload, plus `prefixBytes`
+ * of room for a reply header. Each class keeps at most `idleBytesPerClass` bytes of idle buffers (and at
+ * least two); larger payloads and a full class fall back to plain allocation. A pooled buffer is in
+ * exactly one place: the pool, or one request.
  */
 import { assert } from "../../errors";
+import { KiB, MiB } from "../../limits";
 
-/** Largest read payload served from the pool. */
-export const pooledPayloadBytesMax = 128 * 1024;
-/** Idle bytes kept per size class. */
-export const pooledBytesPerClassMax = 4 * 1024 * 1024;
-/** Room in front of the payload for a reply header (structured OFFSET_DATA: 20 + 8 bytes). */
-export const replyPrefixBytesMax = 32;
-
-const classPayloadBytesMin = 4096;
-
-function classIndex(payloadBytes: number): number {
-  let index = 0;
-  let size = classPayloadBytesMin;
-  while (size < payloadBytes) {
-    size *= 2;
-    index++;
-  }
-  return index;
+export interface BufferPoolLimits {
+  /** Smallest class, in payload bytes (a power of two). */
+  payloadBytesMin: number;
+  /** Largest payload served from the pool (a power of two); larger ones are plain allocations. */
+  payloadBytesMax: number;
+  /** Idle bytes kept per size class (at least two buffers are kept). */
+  idleBytesPerClass: number;
+  /** Room in front of the payload (a reply header); 0 for write payloads. */
+  prefixBytes: number;
 }
 
-export class ReplyBufferPool {
+/** Room in front of a read reply's payload for its header (structured OFFSET_DATA: 20 + 8 bytes). */
+export const replyPrefixBytesMax = 32;
+
+/** Read replies: 4 KiB … 128 KiB (larger reads are rare and dominated by the copy itself). */
+export const replyPoolLimits: BufferPoolLimits = {
+  payloadBytesMin: 4 * KiB,
+  payloadBytesMax: 128 * KiB,
+  idleBytesPerClass: 4 * MiB,
+  prefixBytes: replyPrefixBytesMax,
+};
+
+/** Write payloads gathered from several socket chunks: 4 KiB … 4 MiB. */
+export const writePoolLimits: BufferPoolLimits = {
+  payloadBytesMin: 4 * KiB,
+  payloadBytesMax: 4 * MiB,
+  idleBytesPerClass: 4 * MiB,
+  prefixBytes: 0,
+};
+
+function isPowerOfTwo(n: number): boolean {
+  return Number.isSafeInteger(n) && n > 0 && (n & (n - 1)) === 0;
+}
+
+export class BufferPool {
   private readonly classes: Buffer[][] = [];
   private readonly capacity: number[] = [];
 
-  constructor() {
-    for (let size = classPayloadBytesMin; size <= pooledPayloadBytesMax; size *= 2) {
+  constructor(readonly limits: BufferPoolLimits) {
+    assert(
+      isPowerOfTwo(limits.payloadBytesMin) &&
+        isPowerOfTwo(limits.payloadBytesMax) &&
+        limits.payloadBytesMin <= limits.payloadBytesMax,
+      "pool classes are powers of two, smallest first",
+    );
+    assert(limits.prefixBytes >= 0 && limits.idleBytesPerClass >= 0, "pool limits are not negative");
+    for (let size = limits.payloadBytesMin; size <= limits.payloadBytesMax; size *= 2) {
       this.classes.push([]);
-      this.capacity.push(Math.max(8, Math.floor(pooledBytesPerClassMax / size)));
+      this.capacity.push(Math.max(2, Math.floor(limits.idleBytesPerClass / size)));
     }
   }
 
   /**
-   * A buffer of at least `bytes` bytes for a reply of `payloadBytes` payload (bytes ≤ payloadBytes +
-   * replyPrefixBytesMax). Callers use `subarray(0, bytes)`; the whole buffer goes back with `release`.
+   * A buffer of at least `bytes` bytes for `payloadBytes` of payload (bytes ≤ payloadBytes + prefixBytes).
+   * Callers use `subarray(0, bytes)`; the whole buffer goes back with `release`.
    */
-  acquire(payloadBytes: number, bytes: number): Buffer {
-    assert(bytes <= payloadBytes + replyPrefixBytesMax, "reply prefix within the reserved room");
-    if (payloadBytes > pooledPayloadBytesMax) return Buffer.allocUnsafe(bytes);
-    const index = classIndex(payloadBytes);
+  acquire(payloadBytes: number, bytes: number = payloadBytes): Buffer {
+    assert(bytes <= payloadBytes + this.limits.prefixBytes, "prefix within the reserved room");
+    if (payloadBytes > this.limits.payloadBytesMax) return Buffer.allocUnsafe(bytes);
+    const index = this.classIndex(payloadBytes);
     const free = this.classes[index] as Buffer[];
     const buffer = free.pop();
     if (buffer !== undefined) return buffer;
     // allocUnsafeSlow: a buffer of its own, never a slice of Node's shared pool (which it would pin).
-    return Buffer.allocUnsafeSlow((classPayloadBytesMin << index) + replyPrefixBytesMax);
+    return Buffer.allocUnsafeSlow((this.limits.payloadBytesMin << index) + this.limits.prefixBytes);
   }
 
   /** Give back a buffer from `acquire` (others are ignored: they were plain allocations). */
   release(buffer: Buffer): void {
-    const payloadBytes = buffer.length - replyPrefixBytesMax;
-    if (payloadBytes < classPayloadBytesMin || payloadBytes > pooledPayloadBytesMax) return;
-    const index = classIndex(payloadBytes);
-    if (classPayloadBytesMin << index !== payloadBytes) return;
+    const payloadBytes = buffer.length - this.limits.prefixBytes;
+    if (payloadBytes < this.limits.payloadBytesMin || payloadBytes > this.limits.payloadBytesMax) return;
+    const index = this.classIndex(payloadBytes);
+    if (this.limits.payloadBytesMin << index !== payloadBytes) return;
     const free = this.classes[index] as Buffer[];
     if (free.length < (this.capacity[index] as number)) free.push(buffer);
   }
@@ -73,7 +102,19 @@ export class ReplyBufferPool {
   idle(): number[] {
     return this.classes.map((free) => free.length);
   }
+
+  private classIndex(payloadBytes: number): number {
+    let index = 0;
+    let size = this.limits.payloadBytesMin;
+    while (size < payloadBytes) {
+      size *= 2;
+      index++;
+    }
+    return index;
+  }
 }
 
 /** One pool for the process: every connection's read replies. */
-export const replyBufferPool = new ReplyBufferPool();
+export const replyBufferPool = new BufferPool(replyPoolLimits);
+/** One pool for the process: every connection's gathered write payloads. */
+export const writePayloadPool = new BufferPool(writePoolLimits);

@@ -30,7 +30,7 @@
 import type { Socket } from "node:net";
 import type { BlockDevice, Capabilities, Extent } from "../../devices/block-device";
 import type { Poller } from "./poller";
-import { replyBufferPool } from "./buffer-pool";
+import { replyBufferPool, writePayloadPool } from "./buffer-pool";
 import { ZeroFlags } from "../../devices/block-device";
 import { VdiskError, assert, nbdErrnoOf, type ErrorCode, type NbdErrnoValue, NbdErrno } from "../../errors";
 import * as limits from "../../limits";
@@ -567,12 +567,19 @@ export class Connection {
             new VdiskError("TOO_LARGE", "write larger than the maximum payload"),
           );
         }
-        if (readOnly) return this.replyError(request, new VdiskError("READ_ONLY", "export is read-only"));
-        if (end > size) return this.replyError(request, writeOutOfRange("write", request, size));
+        if (readOnly || end > size) {
+          if (request.pooled !== null) writePayloadPool.release(request.pooled); // never written
+          if (readOnly) return this.replyError(request, new VdiskError("READ_ONLY", "export is read-only"));
+          return this.replyError(request, writeOutOfRange("write", request, size));
+        }
         if (request.length === 0) return this.replySimple(request, 0);
         this.inflight++;
         this.counters.bytesWritten += request.length;
-        device.write(request.payload as Buffer, request.offset, fua, (err) => this.complete(request, err));
+        device.write(request.payload as Buffer, request.offset, fua, (err) => {
+          // The device is done with the payload (its callback runs after the last use).
+          if (request.pooled !== null) writePayloadPool.release(request.pooled);
+          this.complete(request, err);
+        });
         return;
       }
       case Cmd.FLUSH:

@@ -19,6 +19,7 @@
  */
 import { VdiskError } from "../../errors";
 import { ByteQueue } from "./byte-queue";
+import { writePayloadPool } from "./buffer-pool";
 import {
   Cmd,
   IHAVEOPT_HI,
@@ -103,6 +104,8 @@ export interface NbdRequest {
   length: number;
   /** WRITE payload (a view into the received chunk when possible). */
   payload: Buffer | null;
+  /** The pooled buffer `payload` is a view of (writePayloadPool), to release once the write is done. */
+  pooled: Buffer | null;
   /** Set when the request was consumed but must be refused (its payload already discarded). */
   error: "TOO_LARGE" | null;
   /** The connection's monitor clock when the request was dispatched (0 when nothing monitors it). */
@@ -143,6 +146,7 @@ export class RequestParser {
             offset: b.readUInt32BE(o + 16) * 0x1_0000_0000 + b.readUInt32BE(o + 20),
             length: b.readUInt32BE(o + 24),
             payload: null,
+            pooled: null,
             error: null,
             startMs: 0,
           };
@@ -161,7 +165,8 @@ export class RequestParser {
             return request;
           }
           this.pending = request;
-          this.payloadBuffer = Buffer.allocUnsafe(request.length);
+          request.pooled = writePayloadPool.acquire(request.length);
+          this.payloadBuffer = request.pooled.subarray(0, request.length);
           this.payloadFilled = 0;
           this.state = RqState.PAYLOAD;
           continue;
