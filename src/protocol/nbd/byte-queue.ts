@@ -121,6 +121,25 @@ export class ByteQueue {
     return copied;
   }
 
+  /**
+   * Copy the unread bytes of every chunk that is a view of `memory` into a buffer of their own: the
+   * owner of `memory` is about to reuse it (the connection's receive buffer, before the next read).
+   */
+  detach(memory: ArrayBufferLike): void {
+    for (let index = 0; index < this.chunks.length; index++) {
+      const chunk = this.chunks[index] as Buffer;
+      if (chunk.buffer !== memory) continue;
+      const start = index === 0 ? this.headOffset : 0;
+      const copy = Buffer.allocUnsafe(chunk.length - start);
+      chunk.copy(copy, 0, start);
+      this.chunks[index] = copy;
+      if (index === 0) {
+        this.head = copy;
+        this.headOffset = 0;
+      }
+    }
+  }
+
   clear(): void {
     this.chunks.length = 0;
     this.head = EMPTY;

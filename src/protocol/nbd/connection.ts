@@ -11,6 +11,14 @@
  * socket has more than `socketQueuedBytesMax` of replies queued, the socket is paused and the parser is
  * not pulled. A WRITE over the payload maximum is read and discarded, then refused with EINVAL.
  *
+ * Receiving: the socket reads into memory the connection owns (Node's `onread`), not into a fresh
+ * ArrayBuffer per read, whose off-heap churn drove V8's major GCs at gigabytes per second. While a WRITE
+ * payload with at least `DIRECT_RECEIVE_BYTES_MIN` still to come is being gathered, the kernel copies
+ * straight into the payload's pooled buffer; otherwise into the connection's receive buffer, which is
+ * parsed at once, the unparsed rest copied out (`ByteQueue.detach`) before the next read reuses it.
+ * Node offers `onread` only to sockets it creates, so an accepted socket's handle is moved to a new
+ * Socket (`adoptSocket`); a socket without a handle (a test's stream) is read with 'data' events.
+ *
  * Bad input never reaches other clients: a protocol violation (bad magic, a lying length, an unknown
  * export with NBD_OPT_EXPORT_NAME, too many options) closes only this connection.
  *
@@ -27,7 +35,7 @@
  * are not pushed: the monitor reads `ConnectionInfo.inflight()` when it samples. Without a monitor the cost
  * is one null check per request.
  */
-import type { Socket } from "node:net";
+import { Socket as NetSocket, type Socket, type SocketConstructorOpts } from "node:net";
 import type { BlockDevice, Capabilities, Extent } from "../../devices/block-device";
 import type { Poller } from "./poller";
 import { replyBufferPool, writePayloadPool } from "./buffer-pool";
@@ -139,6 +147,39 @@ const READ_FLAGS_KNOWN = CmdFlag.FUA | CmdFlag.DF;
  */
 const READ_NO_WAIT_BYTES_MAX = 256 * 1024;
 const FAST_ZERO_NOT_SUPPORTED = new VdiskError("NOT_SUPPORTED", "fast zero not supported here");
+/** The connection's receive buffer: one socket read at most. */
+export const RECEIVE_BUFFER_BYTES = 64 * 1024;
+/** A payload with at least this much still to come is received straight into its own buffer. */
+export const DIRECT_RECEIVE_BYTES_MIN = 16 * 1024;
+
+/**
+ * A Socket over `accepted`'s handle that reads into the buffers `nextBuffer` gives and reports each read
+ * to `received` (which must be done with the bytes when it returns). `accepted` is paused (the server's
+ * `pauseOnConnect`) and is dropped without closing the descriptor. Null when `accepted` has no handle.
+ */
+function adoptSocket(
+  accepted: Socket,
+  nextBuffer: () => Buffer,
+  received: (bytes: number, buffer: Uint8Array) => void,
+): Socket | null {
+  const holder = accepted as unknown as { _handle: unknown };
+  const handle = holder._handle;
+  if (handle === null || handle === undefined) return null;
+  holder._handle = null;
+  accepted.destroy();
+  return new NetSocket({
+    handle,
+    readable: true,
+    writable: true,
+    onread: {
+      buffer: nextBuffer,
+      callback: (bytes: number, buffer: Uint8Array) => {
+        received(bytes, buffer);
+        return true;
+      },
+    },
+  } as SocketConstructorOpts);
+}
 
 export class Connection {
   private readonly queue = new ByteQueue();
@@ -172,15 +213,30 @@ export class Connection {
     if (!this.socket.destroyed) this.socket.uncork();
   };
 
+  private readonly socket: Socket;
+  /** Where socket reads land unless a payload is received directly (see the module note). */
+  private readonly receiveBuffer = Buffer.allocUnsafeSlow(RECEIVE_BUFFER_BYTES);
+  /** The payload slice handed to the socket for its next read, or null (the receive buffer). */
+  private directTarget: Buffer | null = null;
+
   constructor(
     readonly id: number,
-    private readonly socket: Socket,
+    accepted: Socket,
     private readonly config: ConnectionConfig,
     private readonly counters: ServerCounters,
     private readonly onClose: (connection: Connection) => void,
   ) {
     this.handshake = new HandshakeParser(limits.optionBytesMax);
-    socket.on("data", (chunk: Buffer) => this.onData(chunk));
+    const adopted = adoptSocket(
+      accepted,
+      () => this.nextReceiveBuffer(),
+      (bytes, buffer) => this.onReceived(bytes, buffer),
+    );
+    const socket = (this.socket = adopted ?? accepted);
+    if (adopted === null) {
+      socket.on("data", (chunk: Buffer) => this.onData(chunk));
+      socket.resume();
+    }
     socket.on("error", (err: NodeJS.ErrnoException) => {
       // A client that hangs up early (EPIPE, ECONNRESET) is routine; anything else is worth a line.
       const routine = err.code === "EPIPE" || err.code === "ECONNRESET";
@@ -213,6 +269,32 @@ export class Connection {
     this.queue.push(chunk);
     this.config.poller?.kick();
     this.pump();
+  }
+
+  /** The buffer the socket's next read goes into: the rest of a large payload, or the receive buffer. */
+  private nextReceiveBuffer(): Buffer {
+    const parser = this.requests;
+    this.directTarget =
+      parser !== null && this.phase === Phase.TRANSMISSION
+        ? parser.payloadTarget(this.queue, DIRECT_RECEIVE_BYTES_MIN)
+        : null;
+    return this.directTarget ?? this.receiveBuffer;
+  }
+
+  /** A socket read of `bytes` into `buffer` (one nextReceiveBuffer gave); they are consumed or copied. */
+  private onReceived(bytes: number, buffer: Uint8Array): void {
+    if (this.phase === Phase.CLOSED) return;
+    if (this.directTarget !== null && buffer === this.directTarget) {
+      this.directTarget = null;
+      (this.requests as RequestParser).payloadReceived(bytes);
+    } else {
+      assert(buffer === this.receiveBuffer, "a socket read lands in the receive buffer or a payload");
+      this.queue.push(this.receiveBuffer.subarray(0, bytes));
+    }
+    this.config.poller?.kick();
+    this.pump();
+    // The next read reuses the receive buffer: keep what the parsers have not consumed.
+    this.queue.detach(this.receiveBuffer.buffer);
   }
 
   private pump(): void {

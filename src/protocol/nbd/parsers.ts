@@ -17,7 +17,7 @@
  *
  * Both throw VdiskError("PROTOCOL") on violations and return null when they need more bytes.
  */
-import { VdiskError } from "../../errors";
+import { VdiskError, assert } from "../../errors";
 import { ByteQueue } from "./byte-queue";
 import { writePayloadPool } from "./buffer-pool";
 import {
@@ -102,7 +102,7 @@ export interface NbdRequest {
   /** Offset as a JS number; values ≥ 2^53 lose precision but are always out of range. */
   offset: number;
   length: number;
-  /** WRITE payload (a view into the received chunk when possible). */
+  /** WRITE payload: a view of `pooled` (or, for an empty write, nothing). */
   payload: Buffer | null;
   /** The pooled buffer `payload` is a view of (writePayloadPool), to release once the write is done. */
   pooled: Buffer | null;
@@ -159,11 +159,8 @@ export class RequestParser {
             this.state = RqState.DISCARD;
             continue;
           }
-          // Fast path: the whole payload is already in the head chunk.
-          if (q.head.length - q.headOffset >= request.length) {
-            request.payload = q.take(request.length);
-            return request;
-          }
+          // Always gathered into a buffer of its own: the chunks may be the connection's receive
+          // buffer, which the next socket read overwrites while the device is still writing.
           this.pending = request;
           request.pooled = writePayloadPool.acquire(request.length);
           this.payloadBuffer = request.pooled.subarray(0, request.length);
@@ -194,6 +191,25 @@ export class RequestParser {
         }
       }
     }
+  }
+
+  /**
+   * The rest of the payload being gathered, when at least `min` bytes of it are still to come and
+   * nothing is buffered ahead of them: the socket may receive straight into it (see `payloadReceived`).
+   */
+  payloadTarget(q: ByteQueue, min: number): Buffer | null {
+    if (this.state !== RqState.PAYLOAD || q.length > 0) return null;
+    const buffer = this.payloadBuffer as Buffer;
+    if (buffer.length - this.payloadFilled < min) return null;
+    return buffer.subarray(this.payloadFilled);
+  }
+
+  /** `n` bytes were received straight into the buffer `payloadTarget` returned. */
+  payloadReceived(n: number): void {
+    assert(this.state === RqState.PAYLOAD, "direct payload bytes while gathering a payload");
+    const buffer = this.payloadBuffer as Buffer;
+    assert(n > 0 && this.payloadFilled + n <= buffer.length, "direct payload bytes within the payload");
+    this.payloadFilled += n;
   }
 
   /** True while a request's payload is partly received (a disconnect now loses a write mid-payload). */

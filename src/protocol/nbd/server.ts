@@ -116,7 +116,7 @@ export class NbdServer {
   }
 
   private makeListener(tcp: boolean): net.Server {
-    const server = net.createServer({ noDelay: tcp, pauseOnConnect: false }, (socket) => this.accept(socket));
+    const server = net.createServer({ noDelay: tcp, pauseOnConnect: true }, (socket) => this.accept(socket));
     server.on("error", (err) => this.log(`listener error: ${err.message}`));
     this.listeners.push(server);
     return server;
