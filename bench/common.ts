@@ -273,7 +273,35 @@ export function describeMachine(): Record<string, unknown> {
     qemuImg: version("qemu-img", ["--version"]),
     nbdkit: version("nbdkit", ["--version"]),
     loadAverageAtStart: os.loadavg(),
+    damonPageout: damonPageout(),
   };
+}
+
+/**
+ * Whether the kernel's DAMON reclaims cold memory here (a kdamond running a `pageout` scheme). It pages
+ * out the page cache of an image that a 4 KiB random reader touches too rarely, so rows meant to run from
+ * the page cache read from the disk instead, at random moments: figures then vary by several times
+ * between passes. run.ts prints a warning; the JSON keeps the fact.
+ */
+export function damonPageout(): boolean {
+  const root = "/sys/kernel/mm/damon/admin/kdamonds";
+  try {
+    for (const kdamond of fs.readdirSync(root)) {
+      if (!/^\d+$/.test(kdamond)) continue;
+      const state = fs.readFileSync(path.join(root, kdamond, "state"), "utf8").trim();
+      if (state !== "on") continue;
+      const contexts = path.join(root, kdamond, "contexts");
+      for (const context of fs.readdirSync(contexts).filter((name) => /^\d+$/.test(name))) {
+        const schemes = path.join(contexts, context, "schemes");
+        for (const scheme of fs.readdirSync(schemes).filter((name) => /^\d+$/.test(name))) {
+          if (fs.readFileSync(path.join(schemes, scheme, "action"), "utf8").trim() === "pageout") return true;
+        }
+      }
+    }
+  } catch {
+    // no DAMON sysfs interface, or not readable: nothing reclaims behind our back that we can see
+  }
+  return false;
 }
 
 /** The commit of the tree being measured (with "+dirty" if it has changes), or null outside git. */

@@ -46,6 +46,9 @@
  *                    created (e.g. "--merge off --queue-depth 8"); the bench fails if it fails
  *   BENCH_DIR        where the scratch directory is made (default: the OS temp dir)
  *   BENCH_KEEP=1     keep the scratch directory (daemon logs in logs/) for a post-mortem
+ * Noise: on a machine whose kernel runs DAMON with a pageout scheme (common/damonPageout, recorded in the
+ * JSON), cold page cache is paged out behind the benchmark's back, so page-cache rows sometimes read from
+ * the disk; a warning is printed and the spread column shows it.
  * Results: the tables on stdout, and JSON in bench/results/<timestamp>.json: the machine's description,
  * the settings, per server and row every pass's figure, the median, latencies (mean and p99), RSS, the
  * order of each pass, the best peer and the ratios per row.
@@ -281,6 +284,12 @@ async function main(): Promise<void> {
   if (vdiskArgs.length > 0) console.log(`vdisk serve ... ${vdiskArgs.join(" ")}`);
   if (vdiskSet.length > 0) console.log(`vdisk set --home H DISK ${vdiskSet.join(" ")}`);
   const machine = describeMachine();
+  if (machine.damonPageout === true) {
+    console.log(
+      "warning: the kernel's DAMON pages out cold memory here (a kdamond with a pageout scheme): page-cache " +
+        "rows may read from the disk at random moments; expect a wide spread between passes",
+    );
+  }
   const started = new Date();
   makeMaster(ctx.master, size);
 
