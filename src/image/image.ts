@@ -25,7 +25,8 @@
  * Space. Reference counts live in memory and are rebuilt at open by walking every layer (shared nodes
  * once): `node.refs` counts the slots pointing at a node, `dataRefs` counts, per block of the file, the
  * units covering it. A write goes in place only when every node on its path and its data blocks are
- * referenced once; otherwise it goes to newly allocated blocks and the mapping is switched when the data
+ * referenced once, and none of them lost a reference since the last durable commit (the committed tree
+ * may still reach them through it: `sharedEpoch`, `pinned`); otherwise it goes to newly allocated blocks and the mapping is switched when the data
  * is written. When a node fills with DATA units that are contiguous, it collapses into one unit of its
  * parent (SNPdisk's regrouping): a sequentially written region costs one unit and reads as one request.
  *
@@ -33,7 +34,8 @@
  * then the layer table, fdatasync, then the other superblock slot, fdatasync. A committed block is never
  * overwritten while a committed superblock reaches it; blocks freed since are released only after the
  * commit that stops referencing them is durable and no I/O that began before the free is still in
- * flight (`epoch` bookkeeping), then punched out of the file so the image stays thin.
+ * flight (`epoch` bookkeeping), then punched out of the file so the image stays thin — coalesced, one
+ * punch at a time in the background, and allocatable again only once punched.
  *
  * Concurrency: everything here runs on the event loop; the tree changes only synchronously. Structural
  * operations close a write gate, wait for in-flight writes, change the layers, commit, and reopen it.
