@@ -40,6 +40,7 @@ import {
   treeText,
 } from "./output";
 import { runTop } from "./top";
+import { registerReplay } from "./replay";
 
 interface CommonOptions {
   home?: string;
@@ -564,6 +565,7 @@ export function buildProgram(): Command {
     .option("--once", "print one frame (two samples --interval apart) and exit; with --json, as JSON")
     .option("--interval <seconds>", "seconds between samples", positiveSeconds("--interval"), 1)
     .action(handled(top));
+  registerReplay(program, command, handled);
   program
     .command("bench")
     .description("run the benchmark: fio against vdisk, qemu-nbd and nbdkit side by side (npm run bench)")
