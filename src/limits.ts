@@ -62,9 +62,28 @@ export const copyChunksInflight = 4;
 /** Daemon shutdown: time to drain in-flight requests before connections are cut. */
 export const drainTimeoutMs = 10_000;
 
+/** NBD client tags (export name DISK/TAG, docs/monitor.md): 1 to this many of [A-Za-z0-9._-]. */
+export const clientTagBytesMax = 64;
+/** Monitor: extents of the heat map are at least this large (and a power of two)... */
+export const heatExtentBytesMin = 1 * MiB;
+/** ...and coarser when needed, so that a disk has at most this many extents (8 bytes each: 512 KiB). */
+export const heatExtentsMax = 64 * KiB;
+/** Monitor: half-life of extent heat and of the decayed workload profile. */
+export const heatHalfLifeSecondsDefault = 60;
+/** Monitor: hottest extents listed in the stats (GET /v1/stats; GET /v1/disks/NAME/stats takes ?top=N). */
+export const heatTopDefault = 8;
+export const heatTopMax = 1024;
+/** Monitor: the workload profile calls a read or write "small" up to this size, "large" above it. */
+export const profileSmallBytesMax = 64 * KiB;
+
 assert(requestBytesMaxDefault >= blockBytesPreferred, "request max below preferred block size");
 assert(requestBytesMaxDefault <= requestBytesMaxCeiling, "request max above ceiling");
 assert(requestBytesMaxCeiling < 2 ** 32, "NBD lengths are 32-bit");
 assert(diskBytesMax <= Number.MAX_SAFE_INTEGER, "disk offsets must be exact in a JS number");
 assert(defaultDiskBytes % diskBytesAlignment === 0, "default disk size aligned");
 assert(copyChunkBytes <= requestBytesMaxDefault, "copy chunk within request max");
+assert(clientTagBytesMax + 1 + diskNameBytesMax * 2 < nameBytesMax, "DISK@SNAP/TAG fits an NBD name");
+assert(Number.isInteger(Math.log2(heatExtentBytesMin)), "heat extents are powers of two");
+assert(Number.isInteger(Math.log2(heatExtentsMax)), "heat extent count bound is a power of two");
+assert(diskBytesMax / heatExtentsMax <= 2 ** 40, "heat extents of the largest disk stay exact");
+assert(heatTopDefault <= heatTopMax && heatTopMax <= heatExtentsMax, "heat top bounds");

@@ -132,6 +132,7 @@ interface ServeOptions extends CommonOptions {
   maxInflight?: number;
   pollUs?: number;
   indexCache?: string;
+  monitor?: string;
 }
 
 async function serve(options: ServeOptions): Promise<void> {
@@ -147,6 +148,7 @@ async function serve(options: ServeOptions): Promise<void> {
     inflightPerConnectionMax: options.maxInflight,
     pollUs: options.pollUs,
     indexCacheBytes: options.indexCache === undefined ? undefined : parseSize(options.indexCache),
+    monitor: options.monitor !== "off",
   };
   try {
     await runDaemon(daemonOptions, options.json ? "json" : "text");
@@ -482,6 +484,12 @@ export function buildProgram(): Command {
     .option(
       "--index-cache <size>",
       "memory for the index leaves of vdisk images (default 64M; 0 = keep none)",
+    )
+    .option(
+      "--monitor <on|off>",
+      "record every request for vdisk stats/top, /metrics and placement (off: to measure its cost)",
+      choice("--monitor", ["on", "off"]),
+      "on",
     )
     .action(serve);
   command(program, "create <name>", "create a thin disk")

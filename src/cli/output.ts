@@ -20,7 +20,19 @@ import type {
 } from "../daemon/registry";
 import type { JobView } from "../daemon/jobs";
 import type { EngineStats } from "../engine/request-engine";
-import { type DiskStats, type OpCounters, type StatsSnapshot, opKinds } from "../monitor/types";
+import { profileSmallBytesMax } from "../limits";
+import { quantileOf } from "../monitor/histograms";
+import {
+  type ActivityStats,
+  type DiskStats,
+  type OpCounters,
+  type OpKind,
+  type ProfileStats,
+  type StatsSnapshot,
+  latencyBucketsSeconds,
+  opKinds,
+  requestSizeBucketsBytes,
+} from "../monitor/types";
 import { formatRate, formatSize } from "../util/size";
 import { formatLatency } from "./top";
 
@@ -284,6 +296,48 @@ function indexCacheText(stats: StatsSnapshot): string {
   );
 }
 
+/** A half-life: "60 s", "0.5 s". */
+function halfLifeText(seconds: number): string {
+  return `${Number(seconds.toPrecision(3))} s`;
+}
+
+const monitorOffText = "off: nothing is recorded (vdisk serve --monitor on)";
+
+function monitorText(stats: StatsSnapshot): string {
+  const monitor = stats.monitor;
+  if (!monitor) return "";
+  if (!monitor.enabled) return `\nmonitor: ${monitorOffText}`;
+  return (
+    `\nmonitor: on, heat half-life ${halfLifeText(monitor.heatHalfLifeSeconds)}, ` +
+    `${formatSize(monitor.memoryBytes)} of counters and heat maps`
+  );
+}
+
+function percent(part: number, whole: number): string {
+  return whole > 0 ? `${Math.round((part / whole) * 100)}%` : "-";
+}
+
+/** Sequential share of a client's or disk's reads and writes. */
+function sequentialShare(activity: ActivityStats | null | undefined): string {
+  if (!activity) return "-";
+  const sequential = activity.sequential.read + activity.sequential.write;
+  return percent(sequential, sequential + activity.random.read + activity.random.write);
+}
+
+function meanQueueDepth(activity: ActivityStats | null | undefined): string {
+  const mean = activity?.queueDepth.mean ?? null;
+  return mean === null ? "-" : mean.toFixed(mean < 10 ? 1 : 0);
+}
+
+/** p99 of every op's latency together. */
+function p99Text(ops: Record<OpKind, OpCounters>): string {
+  const merged = new Array<number>(latencyBucketsSeconds.length + 1).fill(0);
+  for (const kind of opKinds) {
+    ops[kind].latencyBuckets.forEach((count, index) => (merged[index] = (merged[index] ?? 0) + count));
+  }
+  return formatLatency(quantileOf(merged, latencyBucketsSeconds, 0.99));
+}
+
 /** `vdisk stats`: the daemon in one line, then one row per disk. */
 export function statsText(stats: StatsSnapshot): string {
   const lagMs = (stats.process.eventLoopLagSeconds * 1000).toFixed(2);
@@ -291,7 +345,8 @@ export function statsText(stats: StatsSnapshot): string {
     `daemon: up ${formatSeconds(stats.uptimeSeconds)}, ${plural(stats.server.connections, "NBD connection")} ` +
     `(${stats.server.connectionsTotal} since start), ${plural(stats.server.protocolErrors, "protocol error")}, ` +
     `RSS ${formatSize(stats.process.residentBytes)}, heap ${formatSize(stats.process.heapUsedBytes)}, event-loop lag ${lagMs} ms` +
-    indexCacheText(stats);
+    indexCacheText(stats) +
+    monitorText(stats);
   if (stats.disks.length === 0) return `${head}\nno disks (make one with: vdisk create NAME --size 20G)`;
   const rows = stats.disks.map((disk) => [
     disk.name,
@@ -305,12 +360,102 @@ export function statsText(stats: StatsSnapshot): string {
     formatSize(disk.ops.read.bytes),
     formatSize(disk.ops.write.bytes),
     String(totalErrors(disk)),
+    sequentialShare(disk.activity),
+    meanQueueDepth(disk.activity),
+    p99Text(disk.ops),
   ]);
   const headers = ["DISK", "FORMAT", "SIZE", "ALLOCATED", "SNAPSHOTS", "CLIENTS", "INFLIGHT", "REQUESTS"];
-  return `${head}\n${table([...headers, "READ", "WRITTEN", "ERRORS"], rows)}\n(totals since the daemon started; vdisk top shows rates)`;
+  return (
+    `${head}\n${table([...headers, "READ", "WRITTEN", "ERRORS", "SEQ", "QD", "P99"], rows)}\n` +
+    "(totals since the daemon started; SEQ: sequential share of reads and writes, QD: mean queue depth " +
+    "at arrival; vdisk top shows rates)"
+  );
 }
 
-/** `vdisk stats DISK`: the disk's counters per op, its errors and its clients. */
+/** A request size bound, short: 512, 4K, 1M, >32M. */
+function sizeLabel(bucket: number): string {
+  const bound = requestSizeBucketsBytes[bucket];
+  const text = (bytes: number): string =>
+    bytes >= 1024 * 1024 ? `${bytes / (1024 * 1024)}M` : bytes >= 1024 ? `${bytes / 1024}K` : String(bytes);
+  return bound === undefined ? `>${text(requestSizeBucketsBytes[bucket - 1] as number)}` : text(bound);
+}
+
+/** A size histogram in one line: the non-empty buckets as "≤BOUND:COUNT". */
+function sizesText(buckets: readonly number[]): string {
+  const parts = buckets.flatMap((count, bucket) => (count > 0 ? [`${sizeLabel(bucket)}:${count}`] : []));
+  return parts.length === 0 ? "-" : parts.join(" ");
+}
+
+function profileText(profile: ProfileStats): string {
+  if (profile.kind === "idle") return `idle (under one request per ${halfLifeText(profile.halfLifeSeconds)})`;
+  const small = formatSize(profileSmallBytesMax);
+  return (
+    `${profile.kind}: ${profile.requestsPerSecond.toFixed(profile.requestsPerSecond < 10 ? 1 : 0)} req/s, ` +
+    `${percent(profile.randomSmallFraction, 1)} random ≤ ${small}, ` +
+    `${percent(profile.sequentialLargeFraction, 1)} sequential > ${small}, ${percent(profile.readFraction, 1)} reads ` +
+    `(reads and writes, half-life ${halfLifeText(profile.halfLifeSeconds)})`
+  );
+}
+
+function activityPairs(disk: DiskStats): [string, string][] {
+  if (disk.monitorEnabled === false) return [["monitor", monitorOffText]];
+  const pairs: [string, string][] = [];
+  if (disk.profile) pairs.push(["profile", profileText(disk.profile)]);
+  const activity = disk.activity;
+  if (activity && activity.queueDepth.count > 0) {
+    pairs.push([
+      "queue depth",
+      `mean ${meanQueueDepth(activity)}, max ${activity.queueDepth.max} (at arrival, all clients)`,
+    ]);
+  }
+  if (activity && activity.interArrival.meanSeconds !== null) {
+    pairs.push(["inter-arrival", `mean ${formatLatency(activity.interArrival.meanSeconds)} (any client)`]);
+  }
+  return pairs;
+}
+
+/** Per op with requests: percentiles, and for reads and writes the pattern and sizes. */
+function opDetailsTable(disk: DiskStats): string | null {
+  const rows = opKinds.flatMap((kind) => {
+    const counters = disk.ops[kind];
+    if (counters.ops === 0) return [];
+    const p = counters.latencyPercentilesSeconds;
+    const rw = kind === "read" || kind === "write" ? kind : null;
+    const activity = disk.activity;
+    return [
+      [
+        kind,
+        formatLatency(p?.p50 ?? null),
+        formatLatency(p?.p90 ?? null),
+        formatLatency(p?.p99 ?? null),
+        formatLatency(p?.p999 ?? null),
+        rw && activity ? String(activity.sequential[rw]) : "-",
+        rw && activity ? String(activity.random[rw]) : "-",
+        rw && activity ? sizesText(activity.sizeBuckets[rw]) : "-",
+      ],
+    ];
+  });
+  if (rows.length === 0) return null;
+  return table(["OP", "P50", "P90", "P99", "P99.9", "SEQUENTIAL", "RANDOM", "SIZES (≤ bound:count)"], rows);
+}
+
+function heatText(disk: DiskStats): string | null {
+  const heat = disk.heat;
+  if (!heat) return null;
+  const title =
+    `hottest extents (${formatSize(heat.extentBytes)} each, ${heat.extents} in all; heat = accesses ` +
+    `halved every ${halfLifeText(heat.halfLifeSeconds)}, total ${heat.total.toFixed(1)})`;
+  if (heat.top.length === 0) return `${title}: none`;
+  const rows = heat.top.map((extent) => [
+    formatSize(extent.offset),
+    String(extent.offset),
+    extent.heat.toFixed(1),
+    percent(extent.heat, heat.total),
+  ]);
+  return `${title}\n${table(["OFFSET", "BYTES", "HEAT", "SHARE"], rows)}`;
+}
+
+/** `vdisk stats DISK`: the disk's counters per op, its workload, its hottest extents and its clients. */
 export function diskStatsText(disk: DiskStats): string {
   const pairs: [string, string][] = [
     [
@@ -327,6 +472,7 @@ export function diskStatsText(disk: DiskStats): string {
             .map(([code, count]) => `${code} ${count}`)
             .join(", "),
     ],
+    ...activityPairs(disk),
   ];
   const opRows = opKinds.map((kind) => {
     const counters = disk.ops[kind];
@@ -343,15 +489,20 @@ export function diskStatsText(disk: DiskStats): string {
     disk.clients.length === 0
       ? "no clients connected"
       : table(
-          ["CLIENT", "EXPORT", "PEER", "CONNECTED", "INFLIGHT", "REQUESTS"],
+          ["CLIENT", "EXPORT", "TAG", "PEER", "CONNECTED", "INFLIGHT", "REQUESTS", "SEQ", "QD", "P99"],
           disk.clients.map((client) => [
             `#${client.id}`,
             client.export,
+            client.tag ?? "-",
             client.peer,
             shortTime(new Date(client.connectedMs).toISOString()),
             String(client.inflight),
             String(opKinds.reduce((sum, kind) => sum + client.ops[kind].ops, 0)),
+            sequentialShare(client.activity),
+            meanQueueDepth(client.activity),
+            p99Text(client.ops),
           ]),
         );
-  return `${keyValues(pairs)}\n\n${ops}\n\n${clients}`;
+  const sections = [keyValues(pairs), ops, opDetailsTable(disk), heatText(disk), clients];
+  return sections.filter((section): section is string => section !== null).join("\n\n");
 }

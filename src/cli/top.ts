@@ -32,9 +32,10 @@ import type { ApiClient } from "./client";
 export interface TopRow {
   kind: "disk" | "client";
   disk: string;
-  /** Clients: connection id, export (DISK or DISK@SNAP) and peer ("unix", "tcp HOST:PORT"). */
+  /** Clients: connection id, export (DISK or DISK@SNAP), tag (or null) and peer ("unix", "tcp HOST:PORT"). */
   client: number | null;
   export: string | null;
+  tag: string | null;
   peer: string | null;
   readIops: number;
   /** Writes, write-zeroes and trims per second. */
@@ -115,7 +116,7 @@ function rowOf(
   earlier: Ops | null,
   seconds: number,
   inflight: number,
-): Omit<TopRow, "client" | "export" | "peer"> {
+): Omit<TopRow, "client" | "export" | "tag" | "peer"> {
   const delta = (kinds: readonly OpKind[], field: "ops" | "bytes"): number =>
     Math.max(0, sumOps(later, kinds, field) - (earlier ? sumOps(earlier, kinds, field) : 0));
   const laterBuckets = mergedBuckets(later);
@@ -218,6 +219,7 @@ export function computeRows(
       ...rowOf("disk", disk.name, disk.ops, before?.ops ?? null, seconds, disk.inflight),
       client: null,
       export: null,
+      tag: null,
       peer: null,
     };
     const earlierClients = new Map((before?.clients ?? []).map((client) => [client.id, client]));
@@ -233,6 +235,7 @@ export function computeRows(
         ),
         client: client.id,
         export: client.export,
+        tag: client.tag ?? null,
         peer: client.peer,
       }))
       .sort(compare);
@@ -308,7 +311,8 @@ function rowName(row: TopRow): string {
   const snapshot =
     row.export !== null && row.export !== row.disk ? ` ${row.export.slice(row.disk.length)}` : "";
   const peer = (row.peer ?? "").replace(/^tcp /, "");
-  return `  #${row.client}${snapshot} ${peer}`;
+  const tag = row.tag !== null ? ` ${row.tag}` : "";
+  return `  #${row.client}${tag}${snapshot} ${peer}`;
 }
 
 export interface FrameOptions {

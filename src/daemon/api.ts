@@ -21,7 +21,7 @@
  *   GET    /v1/jobs                   {"jobs":[job...]}
  *   GET    /v1/jobs/ID                job
  *   GET    /v1/stats                  StatsSnapshot (src/monitor/types.ts): disks, clients, counters, process
- *   GET    /v1/disks/NAME/stats       one disk's DiskStats
+ *   GET    /v1/disks/NAME/stats[?top=N]  one disk's DiskStats, with its N hottest extents (default 16)
  *   GET    /metrics                   Prometheus text format (docs/metrics.md)
  * Errors: {"error":{"code","message","hint"}} with the code's HTTP status (errors.ts).
  *
@@ -46,7 +46,7 @@ import * as net from "node:net";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { VdiskError, type ErrorCode } from "../errors";
-import { KiB } from "../limits";
+import { KiB, heatTopMax } from "../limits";
 import type { StatsSnapshot } from "../monitor/types";
 import { parseDiskSize } from "../util/size";
 import { diskFormats, type DiskFormat } from "./catalog";
@@ -61,8 +61,8 @@ export interface ApiContext {
   status(): object;
   /** The live statistics now (space figures may be up to a second old); for the dashboard's stream. */
   stats(): StatsSnapshot;
-  /** The live statistics with fresh space figures (GET /v1/stats). */
-  freshStats(): Promise<StatsSnapshot>;
+  /** The live statistics with fresh space figures (GET /v1/stats), `heatTop` hottest extents per disk. */
+  freshStats(heatTop?: number): Promise<StatsSnapshot>;
   /** One Prometheus scrape (GET /metrics). */
   metrics(): Promise<{ contentType: string; text: string }>;
   /** The web dashboard: returns true when it answered the request. */
@@ -198,8 +198,9 @@ function routes(ctx: ApiContext): Route[] {
     {
       method: "GET",
       pattern: /^\/v1\/disks\/([^/]+)\/stats$/,
-      handler: async ([name]) => {
-        const disk = (await ctx.freshStats()).disks.find((candidate) => candidate.name === name);
+      handler: async ([name], _b, query) => {
+        const top = heatTopOf(query.get("top"));
+        const disk = (await ctx.freshStats(top)).disks.find((candidate) => candidate.name === name);
         if (!disk) {
           throw new VdiskError("UNKNOWN_DISK", `no disk named ${name} (vdisk list shows the disks)`, {
             hint: `to make one: vdisk create ${name} --size SIZE`,
@@ -265,6 +266,19 @@ function choiceField<T extends string>(body: Body, name: string, choices: readon
 
 function flag(value: string | null): boolean {
   return value === "1" || value === "true" || value === "";
+}
+
+/** Hottest extents GET /v1/disks/NAME/stats lists without ?top. */
+export const diskStatsHeatTopDefault = 16;
+
+/** `?top=N` of GET /v1/disks/NAME/stats: 0 to heatTopMax. */
+function heatTopOf(value: string | null): number {
+  if (value === null) return diskStatsHeatTopDefault;
+  const top = /^\d{1,7}$/.test(value) ? Number(value) : NaN;
+  if (!(top <= heatTopMax)) {
+    throw new VdiskError("BAD_REQUEST", `top=${value} is not a number of extents from 0 to ${heatTopMax}`);
+  }
+  return top;
 }
 
 // ---- Request plumbing ----------------------------------------------------------------------------------

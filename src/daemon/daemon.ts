@@ -4,7 +4,7 @@
  * Start: resolve and prepare the home → decide who may use the API (a non-loopback --http needs
  * --allow-remote-api and a token; api-token.ts) → take its lock → open the registry (the first start of a
  * new home creates the thin 8 GiB disk `default`) → NBD on TCP and on the Unix socket, every connection
- * monitored by the StatsRecorder → API on run/api.sock and TCP (with /v1/stats, /metrics and the
+ * monitored by the StatsRecorder (unless --monitor off) → API on run/api.sock and TCP (with /v1/stats, /metrics and the
  * dashboard) → write run/daemon.json (only now can clients find us). Any failure undoes what was done and
  * throws a VdiskError with a hint (port in use, home locked, ...).
  *
@@ -61,6 +61,8 @@ export interface DaemonOptions {
   /** Adaptive polling window after NBD input, µs (protocol/nbd/poller.ts); 0 = off. */
   pollUs?: number;
   handshakeTimeoutMs?: number;
+  /** Record every request (default true; `vdisk serve --monitor off` measures what it costs). */
+  monitor?: boolean;
   log?: (message: string) => void;
 }
 
@@ -73,6 +75,11 @@ export interface Daemon {
   paths: HomePaths;
   info: DaemonInfo;
   registry: DiskRegistry;
+  /**
+   * The request monitor: per-disk heat and profile for placement (`recorder.heat(disk)`, heat.ts
+   * DiskHeatView; null while the disk has had no client or when `recorder.enabled` is false).
+   */
+  recorder: StatsRecorder;
   /** Whether mutating API calls over TCP need a token. */
   apiTokenRequired: boolean;
   /** Drain, flush, close, remove run files. Idempotent. */
@@ -167,10 +174,10 @@ async function startParts(
   if (plan.created && registry.size === 0) {
     await registry.create(limits.defaultDiskName, limits.defaultDiskBytes);
   }
-  const recorder = new StatsRecorder();
+  const recorder = new StatsRecorder({ enabled: options.monitor ?? true });
   const server = (started.server = new NbdServer({
     exports: registry,
-    monitor: recorder.monitor,
+    ...(recorder.enabled ? { monitor: recorder.monitor } : {}),
     requestBytesMax: options.requestBytesMax ?? limits.requestBytesMaxDefault,
     connectionsMax: options.connectionsMax ?? limits.connectionsMaxDefault,
     inflightPerConnectionMax: options.inflightPerConnectionMax ?? limits.inflightPerConnectionMaxDefault,
@@ -201,7 +208,7 @@ async function startParts(
     jobs,
     status,
     stats: () => stats.snapshot(),
-    freshStats: () => stats.fresh(),
+    freshStats: (heatTop?: number) => stats.fresh(heatTop),
     metrics: async () => ({ contentType: exporter.contentType, text: await exporter.text() }),
     apiToken: plan.apiToken,
     log: plan.log,
@@ -212,7 +219,7 @@ async function startParts(
   writeDaemonInfo(paths, info);
   let stopping: Promise<void> | null = null;
   const stop = (): Promise<void> => (stopping ??= stopParts(paths, started, limits.drainTimeoutMs, plan.log));
-  return { paths, info, registry, apiTokenRequired: tokenRequired, stop };
+  return { paths, info, registry, recorder, apiTokenRequired: tokenRequired, stop };
 }
 
 async function listenNbd(server: NbdServer, plan: Plan, started: Started): Promise<Address | null> {

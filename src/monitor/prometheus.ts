@@ -13,9 +13,12 @@ import { type Metric, Registry, collectDefaultMetrics } from "prom-client";
 import {
   type EngineCounters,
   type IndexCacheCounters,
+  interArrivalBucketsSeconds,
   latencyBucketsSeconds,
   opKinds,
   type OpKind,
+  queueDepthBuckets,
+  requestSizeBucketsBytes,
   type StatsSnapshot,
 } from "./types";
 
@@ -164,6 +167,145 @@ function latencyHistogram(): Family {
   };
 }
 
+/** Histogram samples (_bucket cumulative, _sum, _count) from per-bucket counts; none when empty. */
+function histogramSamples(
+  name: string,
+  labels: Labels,
+  bounds: readonly number[],
+  buckets: readonly number[],
+  sum: number,
+): Sample[] {
+  const count = buckets.reduce((total, value) => total + value, 0);
+  if (count === 0) return [];
+  const samples: Sample[] = [];
+  let cumulative = 0;
+  buckets.forEach((value, index) => {
+    cumulative += value;
+    const bound = bounds[index];
+    const le = bound === undefined ? "+Inf" : String(bound);
+    samples.push({ metricName: `${name}_bucket`, labels: { ...labels, le }, value: cumulative });
+  });
+  samples.push({ metricName: `${name}_sum`, labels, value: sum });
+  samples.push({ metricName: `${name}_count`, labels, value: count });
+  return samples;
+}
+
+/** The monitor's workload families (docs/monitor.md): sizes, patterns, arrivals, depth, heat, profile. */
+function workloadFamilies(): Family[] {
+  const readWrite = ["read", "write"] as const;
+  const sizes = "vdisk_request_size_bytes";
+  const arrivals = "vdisk_request_interarrival_seconds";
+  const depth = "vdisk_request_queue_depth";
+  return [
+    {
+      name: sizes,
+      help: "Sizes of reads and writes as they arrive (failed ones too), by disk and op.",
+      type: "histogram",
+      samples: (stats) =>
+        stats.disks.flatMap((disk) => {
+          const activity = disk.activity;
+          if (!activity) return [];
+          return readWrite.flatMap((op) =>
+            histogramSamples(
+              sizes,
+              { disk: disk.name, op },
+              requestSizeBucketsBytes,
+              activity.sizeBuckets[op],
+              activity.sizeBytesSum[op],
+            ),
+          );
+        }),
+    },
+    {
+      name: "vdisk_request_pattern_total",
+      help: "Reads and writes that started where the client's previous request ended (sequential) or not (random).",
+      type: "counter",
+      samples: (stats) =>
+        stats.disks.flatMap((disk) => {
+          const activity = disk.activity;
+          if (!activity) return [];
+          return readWrite.flatMap((op) => [
+            { labels: { disk: disk.name, op, pattern: "sequential" }, value: activity.sequential[op] },
+            { labels: { disk: disk.name, op, pattern: "random" }, value: activity.random[op] },
+          ]);
+        }),
+    },
+    {
+      name: arrivals,
+      help: "Time between successive requests to the disk (any of its clients).",
+      type: "histogram",
+      samples: (stats) =>
+        stats.disks.flatMap((disk) =>
+          disk.activity
+            ? histogramSamples(
+                arrivals,
+                { disk: disk.name },
+                interArrivalBucketsSeconds,
+                disk.activity.interArrival.buckets,
+                disk.activity.interArrival.secondsSum,
+              )
+            : [],
+        ),
+    },
+    {
+      name: depth,
+      help: "Requests of the disk in flight when a request arrives, the arriving one included.",
+      type: "histogram",
+      samples: (stats) =>
+        stats.disks.flatMap((disk) =>
+          disk.activity
+            ? histogramSamples(
+                depth,
+                { disk: disk.name },
+                queueDepthBuckets,
+                disk.activity.queueDepth.buckets,
+                disk.activity.queueDepth.sum,
+              )
+            : [],
+        ),
+    },
+    {
+      name: "vdisk_disk_heat",
+      help: "Sum of the disk's extent heat: accesses to its extents, each halved every half-life.",
+      type: "gauge",
+      samples: (stats) =>
+        stats.disks.flatMap((disk) =>
+          disk.heat ? [{ labels: { disk: disk.name }, value: disk.heat.total }] : [],
+        ),
+    },
+    {
+      name: "vdisk_disk_random_small_ratio",
+      help: "Share of the disk's recent reads and writes that were random and small (decayed, 0 to 1).",
+      type: "gauge",
+      samples: (stats) =>
+        stats.disks.flatMap((disk) =>
+          disk.profile ? [{ labels: { disk: disk.name }, value: disk.profile.randomSmallFraction }] : [],
+        ),
+    },
+    {
+      name: "vdisk_disk_sequential_large_ratio",
+      help: "Share of the disk's recent reads and writes that were sequential and large (decayed, 0 to 1).",
+      type: "gauge",
+      samples: (stats) =>
+        stats.disks.flatMap((disk) =>
+          disk.profile ? [{ labels: { disk: disk.name }, value: disk.profile.sequentialLargeFraction }] : [],
+        ),
+    },
+    {
+      name: "vdisk_monitor_enabled",
+      help: "1 when the daemon records requests, 0 with vdisk serve --monitor off.",
+      type: "gauge",
+      samples: (stats) => (stats.monitor ? [{ labels: {}, value: stats.monitor.enabled ? 1 : 0 }] : []),
+    },
+    {
+      name: "vdisk_monitor_memory_bytes",
+      help: "Memory of the monitor's counters and heat maps.",
+      type: "gauge",
+      samples: (stats) => (stats.monitor ? [{ labels: {}, value: stats.monitor.memoryBytes }] : []),
+    },
+  ];
+}
+
 /** vdisk's metric families, in the order they are exposed. */
 export function vdiskFamilies(version: string): Family[] {
   return [
@@ -192,6 +334,7 @@ export function vdiskFamilies(version: string): Family[] {
         ),
     },
     latencyHistogram(),
+    ...workloadFamilies(),
     perDisk(
       "vdisk_inflight_requests",
       "Requests dispatched and not yet answered, by disk.",
@@ -243,12 +386,18 @@ export function vdiskFamilies(version: string): Family[] {
     },
     {
       name: "vdisk_client_info",
-      help: "Always 1 per connected client; where it comes from as a label.",
+      help: "Always 1 per connected client; where it comes from and its tag (or empty) as labels.",
       type: "gauge",
       samples: (stats) =>
         stats.disks.flatMap((disk) =>
           disk.clients.map((client) => ({
-            labels: { disk: disk.name, export: client.export, client: String(client.id), peer: client.peer },
+            labels: {
+              disk: disk.name,
+              export: client.export,
+              client: String(client.id),
+              peer: client.peer,
+              tag: client.tag ?? "",
+            },
             value: 1,
           })),
         ),

@@ -9,11 +9,16 @@
  * every second) answers at once from the cache and starts a refresh in the background when it is older
  * than `usageBackgroundRefreshMs`. Nothing runs while nobody asks, except the event-loop delay histogram (perf_hooks,
  * one timer per `lagResolutionMs`) and a one-second timer that reads and resets it.
+ *
+ * Workload figures (docs/monitor.md): each disk's activity, profile and its `heatTop` hottest extents
+ * (limits.heatTopDefault unless asked; a pass over the disk's extents, ≤ 65,536 numbers). With the monitor
+ * off (`vdisk serve --monitor off`) they are null, `monitorEnabled` false and the counters stay at 0.
  */
 import * as fs from "node:fs";
 import { type IntervalHistogram, monitorEventLoopDelay } from "node:perf_hooks";
 import type { MonitorDisk } from "../daemon/registry";
 import type { NbdServerStats } from "../protocol/nbd/server";
+import { heatTopDefault, heatTopMax } from "../limits";
 import { emptyOpCounters, type StatsRecorder } from "./recorder";
 import type { EngineStats } from "../engine/request-engine";
 import type { IndexCacheStats } from "../image/index-cache";
@@ -94,13 +99,13 @@ export class DaemonStats {
   /** The snapshot now, space figures from the cache (an old cache is refreshed in the background). */
   snapshot(): StatsSnapshot {
     if (Date.now() - this.usage.atMs >= usageBackgroundRefreshMs) void this.refresh();
-    return this.build();
+    return this.build(heatTopDefault);
   }
 
-  /** The snapshot with space figures at most usageRefreshMs old. */
-  async fresh(): Promise<StatsSnapshot> {
+  /** The snapshot with space figures at most usageRefreshMs old, with `heatTop` hottest extents per disk. */
+  async fresh(heatTop: number = heatTopDefault): Promise<StatsSnapshot> {
     if (Date.now() - this.usage.atMs >= usageRefreshMs) await this.refresh();
-    return this.build();
+    return this.build(heatTop);
   }
 
   close(): void {
@@ -129,10 +134,14 @@ export class DaemonStats {
     return { atMs: Date.now(), allocated, images, pools };
   }
 
-  private build(): StatsSnapshot {
+  private build(heatTop: number): StatsSnapshot {
     const { registry, recorder, server } = this.sources;
+    const top = Math.max(0, Math.min(heatTopMax, Math.floor(heatTop)));
     const activity = recorder.activity();
-    const disks: DiskStats[] = registry.monitorDisks().map((disk) => {
+    const monitorDisks = registry.monitorDisks();
+    recorder.retainHeat(new Set(monitorDisks.map((disk) => disk.name)));
+    const enabled = recorder.enabled;
+    const disks: DiskStats[] = monitorDisks.map((disk) => {
       const active = activity.get(disk.name);
       return {
         name: disk.name,
@@ -146,6 +155,10 @@ export class DaemonStats {
         inflight: active?.inflight ?? 0,
         clients: active?.clients ?? [],
         engine: engineCounters(disk.engine),
+        monitorEnabled: enabled,
+        activity: active?.activity ?? null,
+        heat: enabled ? recorder.heatStats(disk.name, top) : null,
+        profile: enabled ? recorder.profile(disk.name) : null,
       };
     });
     const serverStats = server.stats();
@@ -170,6 +183,11 @@ export class DaemonStats {
       pools: this.usage.pools,
       images: this.usage.images,
       ...(this.sources.indexCache ? { indexCache: this.sources.indexCache.stats() } : {}),
+      monitor: {
+        enabled,
+        heatHalfLifeSeconds: recorder.heatHalfLifeSeconds,
+        memoryBytes: recorder.memoryBytes(),
+      },
     };
   }
 }

@@ -1,7 +1,9 @@
 /**
  * The shape of the daemon's live statistics, shared by the API (`GET /v1/stats`), `vdisk top`, the
  * dashboard's event stream and the Prometheus exporter. Counters are totals since the daemon started;
- * readers compute rates from two snapshots (`timeMs` tells them how far apart).
+ * readers compute rates from two snapshots (`timeMs` tells them how far apart). The workload figures
+ * (`activity`, `heat`, `profile`; docs/monitor.md) come from the same recorder; heat and profile decay
+ * with time instead of adding up.
  */
 
 import type { EngineStats } from "../engine/request-engine";
@@ -17,6 +19,26 @@ export const latencyBucketsSeconds = [
   0.5, 1,
 ] as const;
 
+/**
+ * Upper bounds (bytes) of the request-size histogram: powers of two from 512 B to 32 MiB; the last bucket
+ * counts larger requests. Bucket i counts sizes ≤ bound i and > bound i-1.
+ */
+export const requestSizeBucketsBytes = Array.from({ length: 17 }, (_, i) => 512 * 2 ** i);
+
+/** Upper bounds (seconds) of the inter-arrival histogram: 1 µs · 2^k up to ~16.8 s, then +Inf. */
+export const interArrivalBucketsSeconds = Array.from({ length: 25 }, (_, i) => 2 ** i / 1e6);
+
+/** Upper bounds of the queue-depth histogram (requests in flight at arrival, the arriving one included). */
+export const queueDepthBuckets = Array.from({ length: 11 }, (_, i) => 2 ** i);
+
+/** Latency percentiles interpolated inside the histogram's buckets (docs/monitor.md: error bound). */
+export interface LatencyPercentiles {
+  p50: number | null;
+  p90: number | null;
+  p99: number | null;
+  p999: number | null;
+}
+
 export interface OpCounters {
   ops: number;
   bytes: number;
@@ -29,18 +51,100 @@ export interface OpCounters {
    */
   latencySecondsSum: number;
   latencyBuckets: number[];
+  /** From `latencyBuckets` (null without requests); always set by the daemon. */
+  latencyPercentilesSeconds?: LatencyPercentiles;
+}
+
+/** Reads and writes counted apart. */
+export interface ReadWrite {
+  read: number;
+  write: number;
+}
+
+/**
+ * What the requests looked like, counted at arrival (when the request is dispatched, failed ones too).
+ * Sizes and the sequential/random split cover reads and writes only. A request is sequential when it
+ * starts exactly where the same client's previous request (of any kind with a range: all but flush)
+ * ended; a client's first request is random. Inter-arrival times and queue depths are per client in
+ * ClientStats; in DiskStats they are the disk's: time between successive requests of any of its clients,
+ * and all of its clients' requests in flight.
+ */
+export interface ActivityStats {
+  /** Counts per requestSizeBucketsBytes bucket (+ one for larger), and the sum of the sizes. */
+  sizeBuckets: { read: number[]; write: number[] };
+  sizeBytesSum: ReadWrite;
+  sequential: ReadWrite;
+  random: ReadWrite;
+  /** Of those, the ones up to limits.profileSmallBytesMax (64 KiB). */
+  sequentialSmall: ReadWrite;
+  randomSmall: ReadWrite;
+  interArrival: {
+    /** Intervals measured (requests − 1). */
+    count: number;
+    meanSeconds: number | null;
+    secondsSum: number;
+    /** Counts per interArrivalBucketsSeconds bucket (+ one for longer). */
+    buckets: number[];
+  };
+  queueDepth: {
+    /** Requests that arrived (each saw a depth ≥ 1: itself). */
+    count: number;
+    mean: number | null;
+    sum: number;
+    max: number;
+    /** Counts per queueDepthBuckets bucket (+ one for deeper). */
+    buckets: number[];
+  };
+}
+
+/** One extent of a disk's heat map. */
+export interface ExtentHeatStats {
+  /** Byte offset of the extent in the disk. */
+  offset: number;
+  /** Decayed access count: every read or write adds 1 to each extent it touches. */
+  heat: number;
+}
+
+export interface HeatStats {
+  extentBytes: number;
+  extents: number;
+  halfLifeSeconds: number;
+  /** Sum of the heat of all extents. */
+  total: number;
+  /** Hottest extents first (only extents with heat). */
+  top: ExtentHeatStats[];
+}
+
+/**
+ * The disk's recent workload: reads and writes weighted by 2^(−age / half-life), so the figures cover
+ * roughly the last few half-lives. `kind` is the class holding more than half of the weight.
+ */
+export interface ProfileStats {
+  halfLifeSeconds: number;
+  /** Estimated from the decayed request count (sum × ln 2 / half-life); reads and writes only. */
+  requestsPerSecond: number;
+  readFraction: number;
+  /** Random requests of at most profileSmallBytesMax. */
+  randomSmallFraction: number;
+  /** Sequential requests larger than profileSmallBytesMax. */
+  sequentialLargeFraction: number;
+  kind: "idle" | "random-small" | "sequential-large" | "mixed";
 }
 
 export interface ClientStats {
   /** Connection id, unique for the daemon's life. */
   id: number;
-  /** Export the client is attached to (DISK or DISK@SNAP). */
+  /** Export the client is attached to (DISK or DISK@SNAP), without its tag. */
   export: string;
+  /** The client tag of an export name DISK/TAG or DISK@SNAP/TAG; null without one. */
+  tag: string | null;
   /** Where it came from: "unix" or "tcp HOST:PORT". */
   peer: string;
   connectedMs: number;
   inflight: number;
   ops: Record<OpKind, OpCounters>;
+  /** Always set by the daemon while the monitor is on. */
+  activity?: ActivityStats;
 }
 
 /** The request engine's counters for one disk (src/engine/request-engine.ts): its stats without settings. */
@@ -61,6 +165,20 @@ export interface DiskStats {
   clients: ClientStats[];
   /** The disk's request engine (always set by the daemon). */
   engine?: EngineCounters;
+  /** Whether the daemon records requests (`vdisk serve --monitor on|off`); always set by the daemon. */
+  monitorEnabled?: boolean;
+  /** Workload figures: set by the daemon while the monitor is on (null: no client yet). */
+  activity?: ActivityStats | null;
+  heat?: HeatStats | null;
+  profile?: ProfileStats | null;
+}
+
+/** The monitor itself (`vdisk serve --monitor on|off`). */
+export interface MonitorStats {
+  enabled: boolean;
+  heatHalfLifeSeconds: number;
+  /** Typed arrays held by the recorder (per connection and per disk). */
+  memoryBytes: number;
 }
 
 /** A pool: the file system holding its directory (statfs). */
@@ -113,6 +231,8 @@ export interface StatsSnapshot {
   images?: ImageEngineStats[];
   /** The index-node cache shared by the open images (always set by the daemon). */
   indexCache?: IndexCacheCounters;
+  /** The request monitor (always set by the daemon). */
+  monitor?: MonitorStats;
 }
 
 /** The daemon's index-node cache (src/image/index-cache.ts); limitBytes is null when unlimited (JSON). */

@@ -33,7 +33,7 @@ import { isLoopback } from "../../src/daemon/api-token";
 const KiB = 1024;
 
 function info(id: number, exportName: string, inflight = 0): ConnectionInfo {
-  return { id, exportName, peer: "unix", inflight: () => inflight };
+  return { id, exportName, tag: null, peer: "unix", inflight: () => inflight, sizeBytes: () => 1 << 30 };
 }
 
 // -----------------------------------------------------------------------------------------------
@@ -57,18 +57,18 @@ test("recorder: ops, bytes, errors, latency per op; DISK@SNAP under DISK; totals
   const second = recorder.monitor(info(2, "web@snap"));
   const other = recorder.monitor(info(3, "db"));
 
-  let start = first.begin();
+  let start = first.begin(Cmd.WRITE, 0, 4096);
   now += 0.2; // 200 µs
   first.end(Cmd.WRITE, 4096, null, start);
-  start = first.begin();
+  start = first.begin(Cmd.READ, 1 << 30, 4096);
   now += 2; // 2 ms
   first.end(Cmd.READ, 0, "OUT_OF_RANGE", start);
-  start = second.begin();
+  start = second.begin(Cmd.READ, 0, 65536);
   now += 0.005;
   second.end(Cmd.READ, 65536, null, start);
-  start = second.begin();
+  start = second.begin(99, 0, 0);
   second.end(99, 0, "UNKNOWN_COMMAND", start); // counted by code only
-  other.end(Cmd.FLUSH, 0, null, other.begin());
+  other.end(Cmd.FLUSH, 0, null, other.begin(Cmd.FLUSH, 0, 0));
 
   let web = recorder.activity().get("web");
   assert.ok(web);

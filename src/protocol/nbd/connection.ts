@@ -30,10 +30,14 @@
  * on the last), or one error chunk if any context failed.
  *
  * Monitoring (optional, `ConnectionConfig.monitor`): once in transmission the connection asks the factory
- * for a RequestMonitor, stamps each request with `begin()` when it is dispatched and calls `end()` exactly
- * once when its reply is queued (success or error; DISC has no reply and is not counted). In-flight counts
- * are not pushed: the monitor reads `ConnectionInfo.inflight()` when it samples. Without a monitor the cost
- * is one null check per request.
+ * for a RequestMonitor, stamps each request with `begin(command, offset, length)` when it is dispatched
+ * and calls `end()` exactly once when its reply is queued (success or error; DISC has neither). In-flight
+ * counts are not pushed: the monitor reads `ConnectionInfo.inflight()` when it samples. Without a monitor
+ * the cost is one null check per request.
+ *
+ * Client tags: an export name `NAME/TAG` opens NAME and tells the monitor the client's tag (client-tag.ts);
+ * everywhere an export name is taken (EXPORT_NAME, INFO, GO, LIST/SET_META_CONTEXT) the tag is split off
+ * first, and an invalid one is refused as an unknown export is.
  */
 import { Socket as NetSocket, type Socket, type SocketConstructorOpts } from "node:net";
 import type { BlockDevice, Capabilities, Extent } from "../../devices/block-device";
@@ -68,6 +72,7 @@ import {
   commandName,
   optionName,
 } from "./constants";
+import { splitClientTag } from "./client-tag";
 import type { ExportHandle, ExportProvider } from "./exports";
 import { HandshakeParser, RequestParser, type NbdRequest } from "./parsers";
 
@@ -89,16 +94,23 @@ export interface ConnectionInfo {
   id: number;
   /** The canonical export name: DISK or DISK@SNAP. */
   exportName: string;
+  /** The client tag of the requested name NAME/TAG (client-tag.ts); null without one. */
+  tag: string | null;
   /** "unix" or "tcp HOST:PORT". */
   peer: string;
   /** Requests in flight now; monitors read it when they sample. */
   inflight(): number;
+  /** The export's size now (it may grow while connected); not for every request. */
+  sizeBytes(): number;
 }
 
 /** One connection's request accounting. Called for every request: implementations must not allocate. */
 export interface RequestMonitor {
-  /** A timestamp on the monitor's clock, handed back to `end`. */
-  begin(): number;
+  /**
+   * A request is dispatched: `command` (Cmd.*, never DISC), its offset and length as the client sent them
+   * (not yet validated). Returns a timestamp on the monitor's clock, handed back to `end`.
+   */
+  begin(command: number, offset: number, length: number): number;
   /**
    * A request's reply was queued. `command` is the NBD command (Cmd.*), `bytes` its length on success and 0
    * on error, `error` the VdiskError code or null, `start` what `begin()` returned at dispatch.
@@ -198,6 +210,8 @@ export class Connection {
   private handle: ExportHandle | null = null;
   private device: BlockDevice | null = null;
   private monitor: RequestMonitor | null = null;
+  /** The client tag of the name given at EXPORT_NAME/GO (NAME/TAG), for the monitor. */
+  private clientTag: string | null = null;
   private transmissionFlags = 0;
 
   private inflight = 0;
@@ -421,13 +435,21 @@ export class Connection {
   }
 
   private optExportName(data: Buffer): void {
-    const name = data.toString("utf8");
+    const requested = data.toString("utf8");
+    const tagged = splitClientTag(requested);
+    if (!tagged.ok) {
+      // NBD_OPT_EXPORT_NAME has no error reply: the only answer is to disconnect.
+      this.close(`${tagged.message}, requested with NBD_OPT_EXPORT_NAME`);
+      return;
+    }
+    const name = tagged.exportName;
     const handle = this.config.exports.open(name);
     if (handle === null) {
       // NBD_OPT_EXPORT_NAME has no error reply: the only answer is to disconnect.
       this.close(`unknown export "${name}" requested with NBD_OPT_EXPORT_NAME`);
       return;
     }
+    this.clientTag = tagged.tag;
     this.enterTransmission(handle);
     const reply = Buffer.alloc(this.noZeroes ? 10 : 134);
     writeUInt64(reply, handle.device.size, 0);
@@ -452,7 +474,7 @@ export class Connection {
     const nameLength = data.readUInt32BE(0);
     if (nameLength > data.length - 6)
       return this.optionError(option, Rep.ERR_INVALID, "name length too long");
-    const name = data.toString("utf8", 4, 4 + nameLength);
+    const requestedName = data.toString("utf8", 4, 4 + nameLength);
     const infoCount = data.readUInt16BE(4 + nameLength);
     if (data.length !== 6 + nameLength + 2 * infoCount) {
       return this.optionError(option, Rep.ERR_INVALID, "information request count does not match length");
@@ -460,6 +482,9 @@ export class Connection {
     const requested = new Set<number>();
     for (let i = 0; i < infoCount; i++) requested.add(data.readUInt16BE(6 + nameLength + 2 * i));
 
+    const tagged = splitClientTag(requestedName);
+    if (!tagged.ok) return this.optionError(option, Rep.ERR_UNKNOWN, tagged.message);
+    const name = tagged.exportName;
     const found = this.config.exports.lookup(name);
     if (found === null) return this.optionError(option, Rep.ERR_UNKNOWN, `no export named "${name}"`);
     const flags = this.computeTransmissionFlags(found.readOnly, found.capabilities);
@@ -488,6 +513,7 @@ export class Connection {
     if (handle === null) return this.optionError(option, Rep.ERR_UNKNOWN, `export "${name}" went away`);
     if (this.metaExportName !== handle.name) this.metaSelected = [];
     this.optionReply(option, Rep.ACK);
+    this.clientTag = tagged.tag;
     this.enterTransmission(handle);
   }
 
@@ -524,9 +550,11 @@ export class Connection {
     if (parsed.queries.length > limits.metaContextsMax * 16) {
       return this.optionError(option, Rep.ERR_TOO_BIG, "too many queries");
     }
-    const found = this.config.exports.lookup(parsed.exportName);
+    const tagged = splitClientTag(parsed.exportName);
+    if (!tagged.ok) return this.optionError(option, Rep.ERR_UNKNOWN, tagged.message);
+    const found = this.config.exports.lookup(tagged.exportName);
     if (found === null)
-      return this.optionError(option, Rep.ERR_UNKNOWN, `no export named "${parsed.exportName}"`);
+      return this.optionError(option, Rep.ERR_UNKNOWN, `no export named "${tagged.exportName}"`);
     const offered = [...new Set([BASE_ALLOCATION, ...(found.metaContexts ?? [])])];
 
     if (!isSet) {
@@ -594,11 +622,14 @@ export class Connection {
         address === undefined
           ? "unix"
           : `tcp ${address.includes(":") ? `[${address}]` : address}:${this.socket.remotePort ?? 0}`;
+      const device = handle.device;
       this.monitor = this.config.monitor({
         id: this.id,
         exportName: handle.name,
+        tag: this.clientTag,
         peer,
         inflight: () => this.inflight,
+        sizeBytes: () => device.size,
       });
     }
   }
@@ -616,7 +647,9 @@ export class Connection {
 
   private dispatch(request: NbdRequest): void {
     this.counters.requests++;
-    if (this.monitor !== null) request.startMs = this.monitor.begin();
+    if (this.monitor !== null && request.type !== Cmd.DISC) {
+      request.startMs = this.monitor.begin(request.type, request.offset, request.length);
+    }
     if (this.shuttingDown)
       return this.replyError(request, new VdiskError("SHUTTING_DOWN", "server shutting down"));
     const device = this.device as BlockDevice;

@@ -5,6 +5,9 @@
  *
  * `open` returns a handle that the connection keeps while it is in the transmission phase and releases
  * when it ends, so the registry can tell which disks are in use.
+ *
+ * Export names never contain '/': the connection splits a client tag off `NAME/TAG` (client-tag.ts)
+ * before it asks the provider, which only ever sees NAME.
  */
 import type { BlockDevice, Capabilities, ExtentsDone } from "../../devices/block-device";
 
