@@ -21,6 +21,25 @@ export const NbdErrno = {
 } as const;
 export type NbdErrnoValue = (typeof NbdErrno)[keyof typeof NbdErrno];
 
+/**
+ * The code for an NBD error value a client receives. Several codes share an errno on the wire; each errno
+ * maps back to the plainest of them (an unknown value is an I/O error).
+ */
+const codeOfErrno: Record<NbdErrnoValue, ErrorCode> = {
+  [NbdErrno.EPERM]: "READ_ONLY",
+  [NbdErrno.EIO]: "IO_ERROR",
+  [NbdErrno.ENOMEM]: "NO_MEMORY",
+  [NbdErrno.EINVAL]: "INVALID_ARGUMENT",
+  [NbdErrno.ENOSPC]: "NO_SPACE",
+  [NbdErrno.EOVERFLOW]: "OVERFLOW",
+  [NbdErrno.ENOTSUP]: "NOT_SUPPORTED",
+  [NbdErrno.ESHUTDOWN]: "SHUTTING_DOWN",
+};
+
+export function codeOfNbdErrno(errno: number): ErrorCode {
+  return codeOfErrno[errno as NbdErrnoValue] ?? "IO_ERROR";
+}
+
 interface CodeInfo {
   nbd: NbdErrnoValue;
   http: number;

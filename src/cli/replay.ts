@@ -216,47 +216,30 @@ export function replayText(report: ReplayReport): string {
       `${report.limit !== null ? `, first ${report.limit} records` : ""}`,
   ];
   const latency = (us: number): string => formatLatency(us / 1e6);
-  const rows = report.vms.map((vm) => [
-    vm.vm,
-    vm.disk,
-    vm.format,
-    String(vm.records),
-    String(vm.reads),
-    String(vm.writes),
-    seconds(vm.elapsedSeconds),
-    formatIops(vm.iops),
-    formatMBps(vm.mbPerSecond * 1e6),
-    latency(vm.latency.meanUs),
-    latency(vm.latency.p50Us),
-    latency(vm.latency.p90Us),
-    latency(vm.latency.p99Us),
-    latency(vm.latency.p999Us),
-    latency(vm.latency.maxUs),
-    String(vm.delayed),
-    String(vm.mapping.wrapped),
-  ]);
+  type Figures = Pick<
+    ReplayReport["total"],
+    "records" | "reads" | "writes" | "elapsedSeconds" | "iops" | "mbPerSecond" | "latency"
+  >;
+  const row = (labels: [string, string, string], r: Figures, delayed: number, wrapped: number): string[] => [
+    ...labels,
+    String(r.records),
+    String(r.reads),
+    String(r.writes),
+    seconds(r.elapsedSeconds),
+    formatIops(r.iops),
+    formatMBps(r.mbPerSecond * 1e6),
+    latency(r.latency.meanUs),
+    latency(r.latency.p50Us),
+    latency(r.latency.p90Us),
+    latency(r.latency.p99Us),
+    latency(r.latency.p999Us),
+    latency(r.latency.maxUs),
+    String(delayed),
+    String(wrapped),
+  ];
+  const rows = report.vms.map((vm) => row([vm.vm, vm.disk, vm.format], vm, vm.delayed, vm.mapping.wrapped));
   const total = report.total;
-  if (report.vms.length > 1) {
-    rows.push([
-      "total",
-      "",
-      "",
-      String(total.records),
-      String(total.reads),
-      String(total.writes),
-      seconds(total.elapsedSeconds),
-      formatIops(total.iops),
-      formatMBps(total.mbPerSecond * 1e6),
-      latency(total.latency.meanUs),
-      latency(total.latency.p50Us),
-      latency(total.latency.p90Us),
-      latency(total.latency.p99Us),
-      latency(total.latency.p999Us),
-      latency(total.latency.maxUs),
-      String(total.delayed),
-      String(total.wrapped),
-    ]);
-  }
+  if (report.vms.length > 1) rows.push(row(["total", "", ""], total, total.delayed, total.wrapped));
   const headers = [
     "VM",
     "DISK",

@@ -43,7 +43,14 @@ import {
   type MappingCounters,
   type MappingPlan,
 } from "./mapping";
-import { RecordBatch, TraceReader, traceSummary, type TraceFormat, type TraceSummary } from "./traces";
+import {
+  RecordBatch,
+  TraceReader,
+  traceSummary,
+  type RecordCounts,
+  type TraceFormat,
+  type TraceSummary,
+} from "./traces";
 
 // Limits of the replayer (kept here until they move into src/limits.ts).
 export const queueDepthDefault = 64;
@@ -87,17 +94,12 @@ export interface LatencyReport {
   maxUs: number;
 }
 
-export interface VmReport {
+export interface VmReport extends RecordCounts {
   vm: string;
   disk: string;
   uri: string;
   trace: string;
   format: TraceFormat;
-  records: number;
-  reads: number;
-  writes: number;
-  readBytes: number;
-  writeBytes: number;
   errors: number;
   firstError: { code: string; message: string } | null;
   /** First issue to last completion. */
@@ -131,13 +133,8 @@ export interface ReplayReport {
   connections: number;
   limit: number | null;
   vms: VmReport[];
-  total: {
+  total: RecordCounts & {
     vms: number;
-    records: number;
-    reads: number;
-    writes: number;
-    readBytes: number;
-    writeBytes: number;
     errors: number;
     /** Earliest first issue to latest last completion over all VMs. */
     elapsedSeconds: number;

@@ -482,14 +482,18 @@ export async function* traceRecords(file: string, options: TraceOptions = {}): A
   }
 }
 
-export interface TraceSummary {
-  file: string;
-  format: TraceFormat;
+/** What a run of records holds: counted by a trace's summary and by a replay's report alike. */
+export interface RecordCounts {
   records: number;
   reads: number;
   writes: number;
   readBytes: number;
   writeBytes: number;
+}
+
+export interface TraceSummary extends RecordCounts {
+  file: string;
+  format: TraceFormat;
   /** Largest timeNs minus smallest (0 for one record). */
   spanNs: number;
   maxOffsetBytes: number;

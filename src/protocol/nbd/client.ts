@@ -30,7 +30,7 @@
  * percent-decoded.
  */
 import * as net from "node:net";
-import { ErrorCodes, NbdErrno, VdiskError, assert, type ErrorCode } from "../../errors";
+import { ErrorCodes, NbdErrno, VdiskError, assert, codeOfNbdErrno } from "../../errors";
 import { nameBytesMax, optionBytesMax, requestBytesMaxDefault } from "../../limits";
 import { ByteQueue } from "./byte-queue";
 import {
@@ -158,29 +158,8 @@ function describeEndpoint(endpoint: NbdEndpoint): string {
 const errnoNames: Record<number, string> = {};
 for (const [name, value] of Object.entries(NbdErrno)) errnoNames[value] = name;
 
-/** The VdiskError code for an NBD error value (the inverse of errors.ts's table, where it is one-to-one). */
-export function codeOfNbdErrno(errno: number): ErrorCode {
-  switch (errno) {
-    case NbdErrno.EPERM:
-      return "READ_ONLY";
-    case NbdErrno.EIO:
-      return "IO_ERROR";
-    case NbdErrno.ENOMEM:
-      return "NO_MEMORY";
-    case NbdErrno.EINVAL:
-      return "INVALID_ARGUMENT";
-    case NbdErrno.ENOSPC:
-      return "NO_SPACE";
-    case NbdErrno.EOVERFLOW:
-      return "OVERFLOW";
-    case NbdErrno.ENOTSUP:
-      return "NOT_SUPPORTED";
-    case NbdErrno.ESHUTDOWN:
-      return "SHUTTING_DOWN";
-    default:
-      return "IO_ERROR";
-  }
-}
+/** The VdiskError code for an NBD error value (errors.ts keeps the table). */
+export { codeOfNbdErrno };
 
 function errorFromNbd(errno: number, type: number, offset: number, length: number): VdiskError {
   const name = errnoNames[errno] ?? `unknown error ${errno}`;
