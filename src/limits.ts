@@ -76,6 +76,32 @@ export const heatTopMax = 1024;
 /** Monitor: the workload profile calls a read or write "small" up to this size, "large" above it. */
 export const profileSmallBytesMax = 64 * KiB;
 
+/** Replay: bytes read from a trace file at a time. */
+export const traceChunkBytes = 1 * MiB;
+/** Replay: records parsed per batch. */
+export const traceBatchRecords = 4096;
+/** Replay: a longer line is not a trace line; reading stops with an error instead of buffering it. */
+export const traceLineBytesMax = 64 * KiB;
+/** Replay: distinct device/ASU numbers a trace summary tracks (each gets its own address range). */
+export const traceDevicesMax = 64 * KiB;
+/** Replay: requests in flight per VM unless --queue-depth says otherwise. */
+export const replayQueueDepthDefault = 64;
+/** Replay: NBD connections per VM at most (--connections). */
+export const replayConnectionsMax = 64;
+/** Replay: the fastest --speed accepted. */
+export const replaySpeedMax = 1e6;
+/** Replay: bytes of pseudo-random data that writes are cut from (plus the largest write). */
+export const replayWritePoolBytes = 1 * MiB;
+
+/** NBD client: requests in flight per connection unless the caller says otherwise. */
+export const clientInflightMaxDefault = 64;
+/** NBD client: ceiling for its in-flight limit (cookies carry the slot index; memory is one slot each). */
+export const clientInflightMaxCeiling = 64 * KiB;
+/** NBD client: requests waiting for a slot before new ones are refused with LIMIT. */
+export const clientQueuedMax = 1_000_000;
+/** NBD client: how long connecting and the handshake may take. */
+export const clientConnectTimeoutMsDefault = 30_000;
+
 assert(requestBytesMaxDefault >= blockBytesPreferred, "request max below preferred block size");
 assert(requestBytesMaxDefault <= requestBytesMaxCeiling, "request max above ceiling");
 assert(requestBytesMaxCeiling < 2 ** 32, "NBD lengths are 32-bit");
@@ -87,3 +113,6 @@ assert(Number.isInteger(Math.log2(heatExtentBytesMin)), "heat extents are powers
 assert(Number.isInteger(Math.log2(heatExtentsMax)), "heat extent count bound is a power of two");
 assert(diskBytesMax / heatExtentsMax <= 2 ** 40, "heat extents of the largest disk stay exact");
 assert(heatTopDefault <= heatTopMax && heatTopMax <= heatExtentsMax, "heat top bounds");
+assert(replayQueueDepthDefault <= clientInflightMaxCeiling, "replay queue depth within the client's ceiling");
+assert(clientInflightMaxDefault <= clientInflightMaxCeiling, "client in-flight default within its ceiling");
+assert(traceLineBytesMax <= traceChunkBytes, "a trace line fits one chunk");

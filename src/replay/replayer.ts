@@ -52,12 +52,14 @@ import {
   type TraceSummary,
 } from "./traces";
 
-// Limits of the replayer (kept here until they move into src/limits.ts).
-export const queueDepthDefault = 64;
-export const connectionsMax = 64;
-export const speedMax = 1e6;
-/** Bytes of pseudo-random data writes are cut from (plus the largest write). */
-export const writePoolBytes = 1024 * 1024;
+// Limits of the replayer (src/limits.ts), under the names this module has always exported.
+import {
+  replayConnectionsMax as connectionsMax,
+  replayQueueDepthDefault as queueDepthDefault,
+  replaySpeedMax as speedMax,
+  replayWritePoolBytes as writePoolBytes,
+} from "../limits";
+export { connectionsMax, queueDepthDefault, speedMax, writePoolBytes };
 
 export interface ReplayVm {
   /** Label in the report, e.g. "vm1". */

@@ -28,21 +28,15 @@
  */
 import * as fs from "node:fs";
 import { VdiskError, assert } from "../errors";
+import { traceBatchRecords, traceChunkBytes, traceDevicesMax, traceLineBytesMax } from "../limits";
 
 export const traceFormats = ["spc", "disksim", "msr"] as const;
 export type TraceFormat = (typeof traceFormats)[number];
 
-// Limits of this module (kept here until they move into src/limits.ts).
-/** Bytes read from a trace file at a time. */
-export const traceChunkBytes = 1024 * 1024;
-/** Records per RecordBatch. */
-export const traceBatchRecords = 4096;
-/** A line longer than this is not a trace line: reading stops with an error instead of buffering it. */
-export const traceLineBytesMax = 64 * 1024;
+// Limits (src/limits.ts): chunk size, batch size, line length, devices tracked.
+export { traceBatchRecords, traceChunkBytes, traceDevicesMax, traceLineBytesMax };
 /** Data lines examined by format detection. */
 const detectLinesMax = 1;
-/** Distinct device/ASU numbers a summary tracks (the address mapping folds each into its own range). */
-export const traceDevicesMax = 65_536;
 
 assert(traceLineBytesMax <= traceChunkBytes, "a whole line fits in one chunk");
 

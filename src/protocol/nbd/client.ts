@@ -31,7 +31,15 @@
  */
 import * as net from "node:net";
 import { ErrorCodes, NbdErrno, VdiskError, assert, codeOfNbdErrno } from "../../errors";
-import { nameBytesMax, optionBytesMax, requestBytesMaxDefault } from "../../limits";
+import {
+  clientConnectTimeoutMsDefault,
+  clientInflightMaxCeiling,
+  clientInflightMaxDefault,
+  clientQueuedMax,
+  nameBytesMax,
+  optionBytesMax,
+  requestBytesMaxDefault,
+} from "../../limits";
 import { ByteQueue } from "./byte-queue";
 import {
   ClientFlag,
@@ -57,13 +65,8 @@ import {
 } from "./constants";
 
 export const nbdPortDefault = 10809;
-/** Requests in flight per connection unless the caller says otherwise. */
-export const clientInflightMaxDefault = 64;
-/** Ceiling for `inflightMax` (cookies carry the slot index in 32 bits; memory is one slot each). */
-export const clientInflightMaxCeiling = 65_536;
-/** Requests waiting for a slot before new ones are refused with LIMIT. */
-export const clientQueuedMax = 1_000_000;
-export const clientConnectTimeoutMsDefault = 30_000;
+// Limits (src/limits.ts): in-flight default and ceiling, waiting requests, connect timeout.
+export { clientConnectTimeoutMsDefault, clientInflightMaxCeiling, clientInflightMaxDefault, clientQueuedMax };
 /** Time the server gets to close the connection after NBD_CMD_DISC. */
 const disconnectTimeoutMs = 5_000;
 /** The oldstyle greeting's second magic ("cliserv_magic"). */
