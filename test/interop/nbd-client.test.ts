@@ -16,7 +16,7 @@ import { after, before, test } from "node:test";
 import * as assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import * as fs from "node:fs";
-import { VdiskError } from "../../src/errors";
+import { expectCode } from "../../src/testing/expect-code";
 import { NbdClient, parseNbdUri, type NbdTarget } from "../../src/protocol/nbd/client";
 import {
   type DaemonFixture,
@@ -61,19 +61,6 @@ async function startServer(cmd: string, args: string[], socket: string): Promise
   }
   tool.kill();
   throw new Error(`${cmd} did not create ${socket} within 15 s`);
-}
-
-async function expectCode(promise: Promise<unknown>, code: string, pattern?: RegExp): Promise<VdiskError> {
-  let caught: unknown = null;
-  try {
-    await promise;
-  } catch (err) {
-    caught = err;
-  }
-  assert.ok(caught instanceof VdiskError, `expected a VdiskError ${code}, got ${String(caught)}`);
-  assert.equal(caught.code, code, caught.message);
-  if (pattern) assert.match(caught.message, pattern);
-  return caught;
 }
 
 interface Piece {

@@ -14,6 +14,7 @@ import * as net from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
 import { VdiskError } from "../../src/errors";
+import { expectCode } from "../../src/testing/expect-code";
 import {
   IHAVEOPT_HI,
   IHAVEOPT_LO,
@@ -219,19 +220,6 @@ async function fakeServer(options: FakeOptions): Promise<{ uri: string; close: (
       server.close();
     },
   };
-}
-
-async function expectCode(promise: Promise<unknown>, code: string, pattern?: RegExp): Promise<VdiskError> {
-  let caught: unknown = null;
-  try {
-    await promise;
-  } catch (err) {
-    caught = err;
-  }
-  assert.ok(caught instanceof VdiskError, `expected a VdiskError ${code}, got ${String(caught)}`);
-  assert.equal(caught.code, code, caught.message);
-  if (pattern) assert.match(caught.message, pattern);
-  return caught;
 }
 
 test("replies in any order complete the right requests; READ data may arrive byte by byte", async () => {
