@@ -55,6 +55,7 @@ import {
   resolveLatencyModel,
 } from "../src/devices/latency-device";
 import { defaultEngineSettings } from "../src/engine/request-engine";
+import type { StatsSnapshot } from "../src/monitor/types";
 import { formatSize, parseSize } from "../src/util/size";
 import {
   type FioResult,
@@ -148,18 +149,12 @@ interface Study {
   charts(result: StudyResult): ChartPanel[];
 }
 
-interface Figures {
+/** One measured point: fio's figures and the daemon's counters over the run (Counters, as deltas). */
+interface Figures extends Counters {
   iops: number;
   mbps: number;
   latencyUsMean: number;
   latencyUsP99: number;
-  submitted: number;
-  dispatched: number;
-  merged: number;
-  split: number;
-  fastPathReads: number;
-  cacheHits: number | null;
-  cacheMisses: number | null;
 }
 
 interface PointResult {
@@ -567,20 +562,14 @@ interface Counters {
   cacheMisses: number | null;
 }
 
-/** The disk's engine counters, and the index cache's if `withCache` and the daemon reports one. */
+/** The disk's engine counters, and with `withCache` the index cache's (GET /v1/stats, if reported). */
 async function counters(daemon: VdiskDaemon, disk: string, withCache: boolean): Promise<Counters> {
   const info = (await daemon.api("GET", `/v1/disks/${disk}`)).json as { engine?: Record<string, number> };
   const engine = info.engine ?? {};
   const number = (key: string): number => (typeof engine[key] === "number" ? engine[key] : 0);
-  let cache: { hits: number; misses: number } | null = null;
-  if (withCache) {
-    for (const route of [`/v1/disks/${disk}`, `/v1/disks/${disk}/stats`, "/v1/stats", "/v1/status"]) {
-      const json =
-        route === `/v1/disks/${disk}` ? info : (await daemon.api("GET", route).catch(() => null))?.json;
-      cache = findIndexCache(json);
-      if (cache) break;
-    }
-  }
+  const cache = withCache
+    ? (((await daemon.api("GET", "/v1/stats")).json as StatsSnapshot).indexCache ?? null)
+    : null;
   return {
     submitted: number("submitted"),
     dispatched: number("dispatched"),
@@ -590,20 +579,6 @@ async function counters(daemon: VdiskDaemon, disk: string, withCache: boolean): 
     cacheHits: cache?.hits ?? null,
     cacheMisses: cache?.misses ?? null,
   };
-}
-
-/** The first object under a key "indexCache" with numeric hits and misses, searched depth first. */
-function findIndexCache(json: unknown): { hits: number; misses: number } | null {
-  if (json === null || typeof json !== "object") return null;
-  for (const [key, value] of Object.entries(json as Record<string, unknown>)) {
-    if (key === "indexCache" && value !== null && typeof value === "object") {
-      const { hits, misses } = value as Record<string, unknown>;
-      if (typeof hits === "number" && typeof misses === "number") return { hits, misses };
-    }
-    const found = findIndexCache(value);
-    if (found) return found;
-  }
-  return null;
 }
 
 async function measure(
