@@ -343,28 +343,33 @@ export class ImageVolume implements BlockDevice {
     const slice = (block: number, count: number): Buffer =>
       data.subarray((block - firstBlock) * BLOCK_BYTES, (block - firstBlock + count) * BLOCK_BYTES);
 
+    const writeInPlace = (block: number, count: number, address: number): void => {
+      pending++;
+      image.backing.write(slice(block, count), address * BLOCK_BYTES, false, finish);
+    };
     const fresh: Array<{ block: number; count: number }> = [];
-    const inPlace: Array<{ block: number; count: number; address: number }> = [];
+    // Only a write large enough to be relocated whole holds its in-place runs back until the map is
+    // known; a smaller one writes them as they are found.
+    const inPlace: Array<{ block: number; count: number; address: number }> | null =
+      data.length >= relocateWriteBytesMin ? [] : null;
     image.map(layer, firstBlock, endBlock, (run) => {
       if (run.type === UnitType.DATA && run.pathExclusive && image.writableInPlace(run.address, run.count)) {
-        inPlace.push({ block: run.block, count: run.count, address: run.address });
+        if (inPlace === null) writeInPlace(run.block, run.count, run.address);
+        else inPlace.push({ block: run.block, count: run.count, address: run.address });
       } else {
         const last = fresh[fresh.length - 1];
         if (last && last.block + last.count === run.block) last.count += run.count;
         else fresh.push({ block: run.block, count: run.count });
       }
     });
-    if (fresh.length > 0 && inPlace.length > 0 && data.length >= relocateWriteBytesMin) {
+    if (inPlace !== null && inPlace.length > 0 && fresh.length > 0) {
       // A large write over a patchwork of exclusive and shared blocks (a head rewritten after a
       // snapshot): write it whole to new contiguous space rather than as one small write per run. The
       // exclusive blocks it replaces are freed by the mapping switch; the range stays one extent.
-      inPlace.length = 0;
       fresh.length = 0;
       fresh.push({ block: firstBlock, count: endBlock - firstBlock });
-    }
-    for (const run of inPlace) {
-      pending++;
-      image.backing.write(slice(run.block, run.count), run.address * BLOCK_BYTES, false, finish);
+    } else if (inPlace !== null) {
+      for (const run of inPlace) writeInPlace(run.block, run.count, run.address);
     }
     if (fresh.length > 0) {
       // Allocate next to the left neighbour's data so sequential writes stay contiguous.
