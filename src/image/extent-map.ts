@@ -273,6 +273,8 @@ export class RefcountMap {
 /** Free block ranges of the image file. See the module note. */
 export class FreeSpace {
   readonly firstAllocatableBlock: number;
+  /** The file may not grow past this block (its device's region end: format.ts DEVICE_REGION_BLOCKS). */
+  readonly limitBlock: number;
   private end: number;
   private freeTotal = 0;
   private cursor: number;
@@ -282,8 +284,8 @@ export class FreeSpace {
     (a, b) => a[0] - b[0] || a[1] - b[1],
   );
 
-  /** All of [firstAllocatableBlock, endBlock) starts free. */
-  constructor(firstAllocatableBlock: number, endBlock: number) {
+  /** All of [firstAllocatableBlock, endBlock) starts free; the file may grow up to `limitBlock`. */
+  constructor(firstAllocatableBlock: number, endBlock: number, limitBlock = imageBlocksMax) {
     assert(
       Number.isSafeInteger(firstAllocatableBlock) && firstAllocatableBlock >= 0,
       `free space: bad first block ${firstAllocatableBlock}`,
@@ -292,7 +294,12 @@ export class FreeSpace {
       Number.isSafeInteger(endBlock) && endBlock >= firstAllocatableBlock && endBlock <= imageBlocksMax,
       `free space: bad end ${endBlock}`,
     );
+    assert(
+      Number.isSafeInteger(limitBlock) && limitBlock >= endBlock && limitBlock <= imageBlocksMax,
+      `free space: bad limit ${limitBlock}`,
+    );
     this.firstAllocatableBlock = firstAllocatableBlock;
+    this.limitBlock = limitBlock;
     this.end = endBlock;
     this.cursor = firstAllocatableBlock;
     if (endBlock > firstAllocatableBlock) this.insertRange(firstAllocatableBlock, endBlock);
@@ -300,9 +307,14 @@ export class FreeSpace {
 
   /** The free set of [first, end) minus `usedRanges` (any order; may touch, must not overlap; parts below
    *  `first`, such as the header, are ignored; nothing may reach past `end`). */
-  static fromUsed(first: number, end: number, usedRanges: Iterable<BlockRange>): FreeSpace {
-    assert(Number.isSafeInteger(end) && end >= first && end <= imageBlocksMax, `free space: bad end ${end}`);
-    const space = new FreeSpace(first, first); // empty; the complement is inserted below
+  static fromUsed(
+    first: number,
+    end: number,
+    usedRanges: Iterable<BlockRange>,
+    limit = imageBlocksMax,
+  ): FreeSpace {
+    assert(Number.isSafeInteger(end) && end >= first && end <= limit, `free space: bad end ${end}`);
+    const space = new FreeSpace(first, first, limit); // empty; the complement is inserted below
     space.end = end;
     const used: BlockRange[] = [];
     for (const [start, length] of usedRanges) {
@@ -435,7 +447,7 @@ export class FreeSpace {
   /** Check every invariant of the module note; O(n). For tests and debug builds. */
   checkInvariants(): void {
     assert(
-      this.end >= this.firstAllocatableBlock && this.end <= imageBlocksMax,
+      this.end >= this.firstAllocatableBlock && this.end <= this.limitBlock,
       `free space: end ${this.end}`,
     );
     let total = 0;
@@ -500,10 +512,10 @@ export class FreeSpace {
   }
 
   private assertCanGrowTo(newEnd: number): void {
-    if (newEnd > imageBlocksMax) {
+    if (newEnd > this.limitBlock) {
       throw new VdiskError(
         "NO_SPACE",
-        `the image file would grow to ${newEnd} blocks, beyond its limit of ${imageBlocksMax}`,
+        `the image file would grow to ${newEnd - this.firstAllocatableBlock} blocks, beyond its limit`,
       );
     }
   }

@@ -9,8 +9,12 @@
  * the slot with the highest valid sequence wins; everything it reaches was made durable before it.
  *
  * Index node (4096 bytes) — SNPdisk's sparse tree node with 64-bit units:
- *   512 units × 8 bytes. Unit byte 0 = type (bits 7..6) | device (bits 5..0, reserved for tiering);
- *   byte 1 = header lane; bytes 2..7 = 48-bit block address (big-endian).
+ *   512 units × 8 bytes. Unit byte 0 = type (bits 7..6) | device (bits 5..0: which device of the pool
+ *   holds a DATA extent, 0 = the image file itself); byte 1 = header lane; bytes 2..7 = 48-bit block
+ *   address on that device (big-endian). In memory the two are one number, the *image address*
+ *   device × DEVICE_REGION_BLOCKS + block: the devices' blocks are consecutive regions of one address space,
+ *   so reference counts, free space and the index all speak one kind of address (`deviceOfBlock`).
+ *   Index nodes, superblocks and the layer table always live on device 0.
  *   Types: EMPTY (nothing written: reads zeros, reported as a hole), NODE (child index node at address),
  *   DATA (extent at address covering the unit's whole span), ZERO (reads zeros, not a hole).
  *   The header lives in the lane bytes of units 0..15:
@@ -41,6 +45,33 @@ export const SUPERBLOCK_SLOTS = 2;
 export const FIRST_ALLOCATABLE_BLOCK = SUPERBLOCK_SLOTS;
 /** Largest address a unit can hold (48 bits of blocks). */
 export const ADDRESS_MAX = 2 ** 48 - 1;
+/** Devices a unit can name (6 bits). */
+export const DEVICES_MAX = 64;
+/**
+ * Blocks of one device's region in the image address space (64 TiB per device): device d's block b is image
+ * address d × DEVICE_REGION_BLOCKS + b. 64 regions fill the 2^40 blocks whose byte offsets stay safe
+ * integers (extent-map.ts imageBlocksMax).
+ */
+export const DEVICE_REGION_BLOCKS = 2 ** 34;
+
+/** The device (0 = the image file) whose region holds image address `block`. */
+export function deviceOfBlock(block: number): number {
+  return Math.floor(block / DEVICE_REGION_BLOCKS);
+}
+
+/**
+ * Where the image's devices end, in image addresses: ends[d] is the first address past device d's file
+ * (d × DEVICE_REGION_BLOCKS when it is empty). Its length is the number of devices the image may use.
+ */
+export type DeviceEnds = readonly number[];
+
+/** Whether [address, address + blocks) is data inside one device's file (device 0: past the superblocks). */
+export function dataExtentInside(ends: DeviceEnds, address: number, blocks: number): boolean {
+  const device = deviceOfBlock(address);
+  if (device >= ends.length) return false;
+  const first = device === 0 ? FIRST_ALLOCATABLE_BLOCK : device * DEVICE_REGION_BLOCKS;
+  return address >= first && address + blocks <= (ends[device] as number);
+}
 export const FORMAT_VERSION = 1;
 /** Largest layer table accepted when reading (untrusted length). */
 export const LAYER_TABLE_BYTES_MAX = 64 * 1024 * 1024;
@@ -102,11 +133,14 @@ export function encodeNode(content: NodeContent, selfAddress: number, out: Buffe
     const at = i * 8;
     const type = content.types[i] as number;
     const address = type === UnitType.NODE || type === UnitType.DATA ? (content.addresses[i] as number) : 0;
-    assert(address >= 0 && address <= ADDRESS_MAX, "unit address in range");
-    out[at] = type << 6;
+    const device = deviceOfBlock(address);
+    assert(address >= 0 && device < DEVICES_MAX, "unit address in range");
+    assert(type === UnitType.DATA || device === 0, "index nodes live on device 0");
+    const local = address - device * DEVICE_REGION_BLOCKS;
+    out[at] = (type << 6) | device;
     out[at + 1] = 0;
-    out.writeUInt16BE(Math.floor(address / 2 ** 32), at + 2);
-    out.writeUInt32BE(address >>> 0, at + 4);
+    out.writeUInt16BE(Math.floor(local / 2 ** 32), at + 2);
+    out.writeUInt32BE(local >>> 0, at + 4);
   }
   // Header lanes: byte 1 of units 0..15.
   const header = Buffer.alloc(16);
@@ -121,7 +155,7 @@ export function encodeNode(content: NodeContent, selfAddress: number, out: Buffe
   return crc;
 }
 
-export function decodeNode(buf: Buffer, expectedAddress: number, fileBlocks: number): DecodedNode {
+export function decodeNode(buf: Buffer, expectedAddress: number, ends: DeviceEnds): DecodedNode {
   const where = `index node at block ${expectedAddress}`;
   const lane = (i: number): number => buf[i * 8 + 1] as number;
   const magic = (lane(0) << 8) | lane(1);
@@ -147,18 +181,21 @@ export function decodeNode(buf: Buffer, expectedAddress: number, fileBlocks: num
   for (let i = 0; i < FANOUT; i++) {
     const at = i * 8;
     const type = (buf[at] as number) >> 6;
-    if (((buf[at] as number) & 0x3f) !== 0) throw corrupt(`${where}: unit ${i} names an unknown device`);
-    const address = buf.readUInt16BE(at + 2) * 2 ** 32 + buf.readUInt32BE(at + 4);
+    const device = (buf[at] as number) & 0x3f;
+    const local = buf.readUInt16BE(at + 2) * 2 ** 32 + buf.readUInt32BE(at + 4);
+    if (device !== 0 && (type !== UnitType.DATA || device >= ends.length)) {
+      throw corrupt(`${where}: unit ${i} names device ${device}, which the image does not have`);
+    }
+    if (local >= DEVICE_REGION_BLOCKS) throw corrupt(`${where}: unit ${i} block ${local} past its device`);
+    const address = device * DEVICE_REGION_BLOCKS + local;
     if (type === UnitType.NODE) {
       if (level === 0) throw corrupt(`${where}: leaf node has a child pointer in unit ${i}`);
-      if (address < FIRST_ALLOCATABLE_BLOCK || address >= fileBlocks) {
-        throw corrupt(
-          `${where}: unit ${i} points to block ${address}, outside the file (${fileBlocks} blocks)`,
-        );
+      if (address < FIRST_ALLOCATABLE_BLOCK || address >= (ends[0] as number)) {
+        throw corrupt(`${where}: unit ${i} points to block ${address}, outside the file (${ends[0]} blocks)`);
       }
     } else if (type === UnitType.DATA) {
-      if (address < FIRST_ALLOCATABLE_BLOCK || address + unitSpanBlocks(level) > fileBlocks) {
-        throw corrupt(`${where}: unit ${i} data extent at block ${address} runs outside the file`);
+      if (!dataExtentInside(ends, address, unitSpanBlocks(level))) {
+        throw corrupt(`${where}: unit ${i} data extent at block ${address} runs outside its device's file`);
       }
     } else if (address !== 0) {
       throw corrupt(`${where}: unit ${i} of type ${type} carries an address`);

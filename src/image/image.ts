@@ -46,11 +46,16 @@ import { flushAsync, readAsync, resizeAsync, trimAsync, writeAsync } from "../de
 import { FreeSpace, RefcountMap } from "./extent-map";
 import { type CacheEntry, IndexCache, leafPayloadBytes } from "./index-cache";
 import { RangeLocks } from "./range-locks";
+import { TieredBacking } from "./tiered-backing";
 import {
   BLOCK_BYTES,
   BLOCK_SHIFT,
+  DEVICE_REGION_BLOCKS,
+  type DeviceEnds,
   FANOUT,
   FIRST_ALLOCATABLE_BLOCK,
+  dataExtentInside,
+  deviceOfBlock,
   type LayerRecord,
   type LayerTable,
   type DecodedNode,
@@ -78,6 +83,8 @@ const regroupQueueMax = 1024;
 const loadParallelism = 32;
 /** Dirty leaves an image may hold before a commit is started early, when the cache limit is lower. */
 const dirtyLeavesCommitMin = 64;
+/** Blocks one `migrate` call may cover (its range stays locked while it copies): 64 MiB. */
+export const migrateBlocksMax = 16_384;
 /** Rounds of loading a request waits for before giving up (each needs the tree to change under it). */
 const residentAttemptsMax = 64;
 
@@ -221,10 +228,43 @@ export interface ImageStats {
   sequence: number;
 }
 
+/**
+ * Where a pool wants an image's data (src/tier/placement.ts); absent for an image with one device. The
+ * image asks on every write that allocates, so answers must be cheap and allocate nothing.
+ */
+export interface ImagePlacement {
+  /**
+   * The device for the data of a write of `blocks` blocks at `block` of the head `disk`, or -1 for no
+   * preference (the left neighbour's device, else device 0). With `placementStrict` added, data of the
+   * range that lies on another device is rewritten on this one instead of being overwritten in place.
+   */
+  writeDevice(disk: string, block: number, blocks: number): number;
+  /** Whether `blocks` more blocks may be allocated on `device` within the pool's capacity for it. */
+  hasRoom(device: number, blocks: number): boolean;
+}
+
+/** Added to ImagePlacement.writeDevice's answer: move data of the range that is elsewhere. */
+export const placementStrict = 64;
+
+/** What a migration did (Image.migrate). */
+export interface MigrationResult {
+  /** Blocks copied to the target device and remapped. */
+  movedBlocks: number;
+  /** Blocks of the range left where they are: shared with another layer, or no room on the target. */
+  skippedBlocks: number;
+}
+
 export class Image {
   readonly layers = new Map<number, Layer>();
   dataRefs = new RefcountMap();
-  space: FreeSpace;
+  /** Free space per device (index = device; device 0 is the image file); see format.ts "image address". */
+  spaces: Array<FreeSpace | undefined>;
+  /** The router over the image's devices, when it has more than one; null: `backing` is the image file. */
+  readonly tiered: TieredBacking | null;
+  /** Where writes go and how much fits, for an image in a pool with several devices. */
+  placement: ImagePlacement | null = null;
+  /** Blocks copied to another device by `migrate`. */
+  migratedBlocks = 0;
   private sequence = 0;
   private nextLayerId = 1;
   private layerTableAddress = -1;
@@ -290,7 +330,98 @@ export class Image {
     /** Holds the content of this image's leaves within its budget; may be shared with other images. */
     readonly indexCache: IndexCache,
   ) {
-    this.space = new FreeSpace(FIRST_ALLOCATABLE_BLOCK, Math.max(fileBlocks, FIRST_ALLOCATABLE_BLOCK));
+    this.tiered = backing instanceof TieredBacking ? backing : null;
+    this.spaces = [
+      new FreeSpace(
+        FIRST_ALLOCATABLE_BLOCK,
+        Math.max(fileBlocks, FIRST_ALLOCATABLE_BLOCK),
+        DEVICE_REGION_BLOCKS,
+      ),
+    ];
+    const devices = this.tiered?.devices ?? [];
+    for (let d = 1; d < devices.length; d++) {
+      if (devices[d] === undefined) continue;
+      const first = d * DEVICE_REGION_BLOCKS;
+      this.spaces[d] = new FreeSpace(first, first + this.deviceBlocks(d), first + DEVICE_REGION_BLOCKS);
+    }
+  }
+
+  /** Start using device `device` (its file `file`, empty or holding this image's data): a pool gained it. */
+  attachDevice(device: number, file: BlockDevice): void {
+    assert(this.tiered !== null, "only an image over a TieredBacking gains devices");
+    assert(device >= 1 && this.spaces[device] === undefined, `device ${device} is new`);
+    this.tiered.attach(device, file);
+    const first = device * DEVICE_REGION_BLOCKS;
+    this.spaces[device] = new FreeSpace(
+      first,
+      first + this.deviceBlocks(device),
+      first + DEVICE_REGION_BLOCKS,
+    );
+  }
+
+  /** Free space of device 0: index nodes, the layer table and untiered data. */
+  get space(): FreeSpace {
+    return this.spaces[0] as FreeSpace;
+  }
+
+  /** Free space of the device holding image address `block`. */
+  private spaceOf(block: number): FreeSpace {
+    const space = this.spaces[deviceOfBlock(block)];
+    assert(space !== undefined, `block ${block} is on a device the image does not have`);
+    return space;
+  }
+
+  /** Whole blocks in device d's file. */
+  private deviceBlocks(device: number): number {
+    const bytes = device === 0 ? this.backing.size : (this.tiered?.deviceSize(device) ?? 0);
+    return Math.floor(bytes / BLOCK_BYTES);
+  }
+
+  /** Where each device's file ends, in image addresses (format.ts DeviceEnds). */
+  deviceEnds(): DeviceEnds {
+    const ends: number[] = [];
+    const count = this.tiered?.devices.length ?? 1;
+    for (let d = 0; d < count; d++) ends.push(d * DEVICE_REGION_BLOCKS + this.deviceBlocks(d));
+    return ends;
+  }
+
+  /** Blocks in use on `device` (data, and on device 0 index nodes and the layer table too). */
+  usedBlocks(device: number): number {
+    const space = this.spaces[device];
+    if (space === undefined) return 0;
+    return space.endBlock - space.firstAllocatableBlock - space.freeBlocks;
+  }
+
+  /**
+   * Visit every DATA run of `layer`'s view, 1 GiB of the view at a time (reading evicted leaves as a
+   * lookup would); the view may change between chunks. For reports and the tier manager, not hot paths.
+   */
+  async scanData(layer: Layer, visit: (run: Run) => void): Promise<void> {
+    const chunk = FANOUT * FANOUT;
+    for (let start = 0; start < layer.blocks; start += chunk) {
+      const end = Math.min(layer.blocks, start + chunk);
+      await new Promise<void>((resolve, reject) =>
+        this.ensureResident(layer, start, end, Need.LOOKUP, (err) => {
+          if (err) return reject(err);
+          if (this.layers.get(layer.id) === layer && end <= layer.blocks) {
+            this.map(layer, start, end, (run) => {
+              if (run.type === UnitType.DATA) visit(run);
+            });
+          }
+          resolve();
+        }),
+      );
+    }
+  }
+
+  /** Bytes of data `layer`'s view maps on each device (index = device). */
+  async layerDeviceBytes(layer: Layer): Promise<number[]> {
+    const bytes: number[] = new Array<number>(this.spaces.length).fill(0);
+    await this.scanData(layer, (run) => {
+      const device = deviceOfBlock(run.address);
+      bytes[device] = (bytes[device] ?? 0) + run.count * BLOCK_BYTES;
+    });
+    return bytes;
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -371,16 +502,16 @@ export class Image {
     image.nextLayerId = table.nextLayerId;
     image.layerTableAddress = sb.layerTableAddress;
     image.layerTableBlocks = tableBlocks;
-    await image.loadLayers(table, fileBlocks);
+    await image.loadLayers(table, image.deviceEnds());
     image.nodesDirty = false;
     image.layersDirty = false;
     return image;
   }
 
-  private async loadLayers(table: LayerTable, fileBlocks: number): Promise<void> {
+  private async loadLayers(table: LayerTable, ends: DeviceEnds): Promise<void> {
     const nodes = new Map<number, IndexNode>();
     try {
-      await this.loadNodes(table, fileBlocks, nodes);
+      await this.loadNodes(table, ends, nodes);
     } catch (err) {
       // The image is not opened: give its leaves' budget back to a shared cache.
       for (const node of nodes.values()) {
@@ -390,11 +521,7 @@ export class Image {
     }
   }
 
-  private async loadNodes(
-    table: LayerTable,
-    fileBlocks: number,
-    nodes: Map<number, IndexNode>,
-  ): Promise<void> {
+  private async loadNodes(table: LayerTable, ends: DeviceEnds, nodes: Map<number, IndexNode>): Promise<void> {
     // Breadth-first, level by level, with bounded parallel reads.
     type Pending = { address: number; level: number; attach: (node: IndexNode) => void };
     let frontier: Pending[] = [];
@@ -425,7 +552,7 @@ export class Image {
         this.checkDataRange(
           slot.address,
           unitSpanBlocks(record.root.level + 1),
-          fileBlocks,
+          ends,
           `layer ${record.id} root`,
         );
         this.dataRefs.addRef(slot.address, unitSpanBlocks(record.root.level + 1));
@@ -454,7 +581,7 @@ export class Image {
             const placeholder = new IndexNode(pending.level, false);
             nodes.set(pending.address, placeholder);
             await readAsync(this.backing, buffer, pending.address * BLOCK_BYTES);
-            const content = decodeNode(buffer, pending.address, fileBlocks);
+            const content = decodeNode(buffer, pending.address, ends);
             if (content.level !== pending.level) {
               throw new VdiskError(
                 "CORRUPT",
@@ -508,21 +635,41 @@ export class Image {
       used.push([this.layerTableAddress, this.layerTableBlocks]);
     }
     try {
-      this.space = FreeSpace.fromUsed(
-        FIRST_ALLOCATABLE_BLOCK,
-        Math.max(fileBlocks, FIRST_ALLOCATABLE_BLOCK),
-        used,
-      );
+      // Each device's used ranges into its own free space (an extent never spans two devices).
+      const usedByDevice: Array<Array<[number, number]>> = this.spaces.map(() => []);
+      for (const range of used) {
+        const device = deviceOfBlock(range[0]);
+        const list = usedByDevice[device];
+        if (list === undefined || this.spaces[device] === undefined) {
+          throw new VdiskError("CORRUPT", `block ${range[0]} is on device ${device}, which the image lacks`);
+        }
+        list.push(range);
+      }
+      for (let d = 0; d < this.spaces.length; d++) {
+        const current = this.spaces[d];
+        if (current === undefined) continue;
+        const first = d === 0 ? FIRST_ALLOCATABLE_BLOCK : d * DEVICE_REGION_BLOCKS;
+        this.spaces[d] = FreeSpace.fromUsed(
+          first,
+          Math.max(ends[d] as number, first),
+          usedByDevice[d] as Array<[number, number]>,
+          d * DEVICE_REGION_BLOCKS + DEVICE_REGION_BLOCKS,
+        );
+      }
     } catch (err) {
+      if (err instanceof VdiskError) throw err;
       throw new VdiskError("CORRUPT", `overlapping allocations in the image: ${(err as Error).message}`, {
         cause: err,
       });
     }
   }
 
-  private checkDataRange(address: number, blocks: number, fileBlocks: number, what: string): void {
-    if (address < FIRST_ALLOCATABLE_BLOCK || address + blocks > fileBlocks) {
-      throw new VdiskError("CORRUPT", `${what}: data extent at block ${address} runs outside the file`);
+  private checkDataRange(address: number, blocks: number, ends: DeviceEnds, what: string): void {
+    if (!dataExtentInside(ends, address, blocks)) {
+      throw new VdiskError(
+        "CORRUPT",
+        `${what}: data extent at block ${address} runs outside its device's file`,
+      );
     }
   }
 
@@ -825,7 +972,12 @@ export class Image {
     release.sort((a, b) => a.start - b.start);
     for (const entry of release) {
       const last = this.punchQueue[this.punchQueue.length - 1];
-      if (last !== undefined && last.start + last.length === entry.start) last.length += entry.length;
+      if (
+        last !== undefined &&
+        last.start + last.length === entry.start &&
+        deviceOfBlock(last.start) === deviceOfBlock(entry.start)
+      )
+        last.length += entry.length;
       else this.punchQueue.push({ start: entry.start, length: entry.length, epoch: entry.epoch });
     }
     if (this.punching === null) {
@@ -845,7 +997,7 @@ export class Image {
       await trimAsync(this.backing, entry.start * BLOCK_BYTES, entry.length * BLOCK_BYTES).catch(
         () => undefined, // the blocks are free either way; they just stay allocated in the file
       );
-      this.space.free(entry.start, entry.length);
+      this.spaceOf(entry.start).free(entry.start, entry.length);
     }
   }
 
@@ -1260,7 +1412,7 @@ export class Image {
     } finally {
       this.ioEnd(epoch);
     }
-    const content = decodeNode(buffer, address, Math.floor(this.backing.size / BLOCK_BYTES));
+    const content = decodeNode(buffer, address, this.deviceEnds());
     const hint = "run `vdisk check` on the disk for a full report";
     if (content.level !== 0) {
       throw new VdiskError(
@@ -1471,6 +1623,106 @@ export class Image {
     });
   }
 
+  /**
+   * Move the data of blocks [start, end) of the head `layer` that lies on other devices onto `device`:
+   * copy it to newly allocated blocks there, sync nothing yet, and switch the mapping; the old blocks are
+   * freed like any overwritten data (released only once the commit that stops reaching them is durable),
+   * so a crash at any point leaves the old or the new copy mapped, never neither. Only data this head alone
+   * references moves — moving shared data would duplicate it — and only while the pool has room on the
+   * device. The range is locked while it moves: foreground writes to it wait, so callers move small ranges
+   * (the tier engine moves one heat extent, 1 MiB, at a time).
+   */
+  migrate(layer: Layer, start: number, end: number, device: number): Promise<MigrationResult> {
+    this.assertWritable();
+    assert(layer.kind === "head", "only heads are migrated");
+    assert(start >= 0 && start < end && end - start <= migrateBlocksMax, "migration range");
+    const result: MigrationResult = { movedBlocks: 0, skippedBlocks: 0 };
+    if (this.spaces[device] === undefined) return Promise.resolve(result);
+    return new Promise((resolve, reject) => {
+      this.beginWrite(() => {
+        this.locksFor(layer).acquire(start, end, (lock) => {
+          const finish = (err: VdiskError | null): void => {
+            this.locksFor(layer).release(lock);
+            this.endWrite();
+            if (err) reject(err);
+            else resolve(result);
+          };
+          const gone = (): boolean =>
+            this.closing || this.layers.get(layer.id) !== layer || end > layer.blocks;
+          if (gone()) return finish(null);
+          this.ensureResident(layer, start, end, Need.LOOKUP, (loadErr) => {
+            if (loadErr || gone()) return finish(loadErr);
+            this.moveRuns(layer, start, end, device, result, finish);
+          });
+        });
+      });
+    });
+  }
+
+  /** The body of migrate, with the range locked and its mapping resident. */
+  private moveRuns(
+    layer: Layer,
+    start: number,
+    end: number,
+    device: number,
+    result: MigrationResult,
+    finish: (err: VdiskError | null) => void,
+  ): void {
+    const segments: Array<{ block: number; count: number; from: number; to: number }> = [];
+    const space = this.spaces[device] as FreeSpace;
+    let hint: number | undefined;
+    this.map(layer, start, end, (run) => {
+      if (run.type !== UnitType.DATA || deviceOfBlock(run.address) === device) return;
+      if (!run.pathExclusive || this.dataRefs.maxCount(run.address, run.count) !== 1) {
+        result.skippedBlocks += run.count;
+        return;
+      }
+      let offset = 0;
+      while (offset < run.count) {
+        const want = run.count - offset;
+        if (this.placement !== null && !this.placement.hasRoom(device, want)) {
+          result.skippedBlocks += want;
+          return;
+        }
+        const [to, count] = space.allocateUpTo(want, hint);
+        segments.push({ block: run.block + offset, count, from: run.address + offset, to });
+        hint = to + count;
+        offset += count;
+      }
+    });
+    if (segments.length === 0) return finish(null);
+    const epoch = this.ioBegin();
+    const failed = (err: VdiskError): void => {
+      for (const segment of segments) this.unallocateData(segment.to, segment.count);
+      this.ioEnd(epoch);
+      finish(err);
+    };
+    this.ensureFileCovers((coverErr) => {
+      if (coverErr) return failed(coverErr);
+      Promise.all(
+        segments.map(async (segment) => {
+          const buffer = Buffer.allocUnsafe(segment.count * BLOCK_BYTES);
+          await readAsync(this.backing, buffer, segment.from * BLOCK_BYTES);
+          await writeAsync(this.backing, buffer, segment.to * BLOCK_BYTES);
+        }),
+      ).then(
+        () => {
+          this.ensureResident(layer, start, end, Need.UPDATE, (loadErr) => {
+            if (loadErr) return failed(loadErr);
+            for (const segment of segments) {
+              this.apply(layer, segment.block, segment.block + segment.count, UnitType.DATA, segment.to);
+              result.movedBlocks += segment.count;
+            }
+            this.migratedBlocks += result.movedBlocks;
+            this.ioEnd(epoch);
+            finish(null);
+          });
+        },
+        (err: unknown) => failed(fromSystemError(err, "migrating data")),
+      );
+    });
+  }
+
   /** The body of regroupLeaf, with the leaf's blocks locked and its mapping resident. */
   private copyLeaf(layer: Layer, start: number, finish: () => void): void {
     const end = start + FANOUT;
@@ -1482,10 +1734,15 @@ export class Image {
         (run) =>
           run.type === UnitType.DATA &&
           run.pathExclusive &&
-          this.dataRefs.maxCount(run.address, run.count) === 1,
+          this.dataRefs.maxCount(run.address, run.count) === 1 &&
+          // On one device: a leaf split between devices by placement stays split (copying it to one
+          // device would undo a migration).
+          deviceOfBlock(run.address) === deviceOfBlock((runs[0] as Run).address),
       );
     if (!eligible) return finish();
-    const address = this.space.allocate(FANOUT);
+    const device = deviceOfBlock((runs[0] as Run).address);
+    if (this.placement !== null && !this.placement.hasRoom(device, FANOUT)) return finish();
+    const address = this.spaceOf((runs[0] as Run).address).allocate(FANOUT);
     const buffer = Buffer.allocUnsafe(FANOUT * BLOCK_BYTES);
     const epoch = this.ioBegin();
     const failed = (): void => {
@@ -1681,10 +1938,22 @@ export class Image {
   // ---------------------------------------------------------------------------------------------
   // Allocation
 
-  /** Allocate up to `blocks` contiguous blocks for new data, near `hint` when possible. */
-  allocateData(blocks: number, hint: number | undefined): [number, number] {
+  /**
+   * Allocate up to `blocks` contiguous blocks for new data on `device` (-1: the hint's device, else 0),
+   * near `hint` when it is on that device. A device the pool has no room on falls back to device 0.
+   */
+  allocateData(blocks: number, hint: number | undefined, device = -1): [number, number] {
     this.assertWritable();
-    const [start, length] = this.space.allocateUpTo(blocks, hint);
+    let target = device >= 0 ? device : hint !== undefined ? deviceOfBlock(hint) : 0;
+    if (
+      target !== 0 &&
+      (this.spaces[target] === undefined ||
+        (this.placement !== null && !this.placement.hasRoom(target, blocks)))
+    )
+      target = 0;
+    const space = this.spaces[target] as FreeSpace;
+    const usableHint = hint !== undefined && deviceOfBlock(hint) === target ? hint : undefined;
+    const [start, length] = space.allocateUpTo(blocks, usableHint);
     assert(length >= 1 && length <= blocks, "allocation within the request");
     return [start, length];
   }
@@ -1696,19 +1965,26 @@ export class Image {
 
   /** Make sure the backing file covers every allocated block before data is written there. */
   ensureFileCovers(callback: (err: VdiskError | null) => void): void {
-    if (this.growing === null && this.backing.size >= this.space.endBlock * BLOCK_BYTES)
-      return callback(null);
+    if (this.growing === null && this.covered()) return callback(null);
     // One resize at a time (two ftruncates finishing out of order could shrink the file).
     const previous = this.growing ?? Promise.resolve();
     const next = previous.then(async () => {
-      const needed = this.space.endBlock * BLOCK_BYTES;
-      if (this.backing.size >= needed) return;
-      // Grow in steps so a sequential writer does not truncate on every request.
-      const target = Math.max(
-        needed,
-        Math.min(this.backing.size * 2, this.backing.size + 1024 * 1024 * 1024),
-      );
-      await resizeAsync(this.backing, target);
+      for (let d = 0; d < this.spaces.length; d++) {
+        const space = this.spaces[d];
+        if (space === undefined) continue;
+        const needed = (space.endBlock - d * DEVICE_REGION_BLOCKS) * BLOCK_BYTES;
+        const size = d === 0 ? this.backing.size : (this.tiered as TieredBacking).deviceSize(d);
+        if (size >= needed) continue;
+        // Grow in steps so a sequential writer does not truncate on every request.
+        const target = Math.max(needed, Math.min(size * 2, size + 1024 * 1024 * 1024));
+        if (d === 0) await resizeAsync(this.backing, target);
+        else {
+          const tiered = this.tiered as TieredBacking;
+          await new Promise<void>((resolve, reject) =>
+            tiered.resizeDevice(d, target, (err) => (err ? reject(err) : resolve())),
+          );
+        }
+      }
     });
     this.growing = next;
     next.then(
@@ -1723,6 +1999,21 @@ export class Image {
         );
       },
     );
+  }
+
+  /** Whether every device's file covers every block allocated on it. */
+  private covered(): boolean {
+    if (this.backing.size < this.space.endBlock * BLOCK_BYTES) return false;
+    for (let d = 1; d < this.spaces.length; d++) {
+      const space = this.spaces[d];
+      if (
+        space !== undefined &&
+        (this.tiered as TieredBacking).deviceSize(d) <
+          (space.endBlock - d * DEVICE_REGION_BLOCKS) * BLOCK_BYTES
+      )
+        return false;
+    }
+    return true;
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -2042,12 +2333,16 @@ export class Image {
         `data reference counts differ from a recount (first difference near ${JSON.stringify(first ?? recount[live.length])})`,
       );
     }
-    for (const [start, length] of this.space.ranges()) {
-      if (this.dataRefs.maxCount(start, length) > 0)
-        problems.push(`free blocks ${start}+${length} hold referenced data`);
+    for (const space of this.spaces) {
+      for (const [start, length] of space?.ranges() ?? []) {
+        if (this.dataRefs.maxCount(start, length) > 0)
+          problems.push(`free blocks ${start}+${length} hold referenced data`);
+      }
     }
     for (const node of nodeRefs.keys()) {
-      if (node.diskAddress >= 0 && this.space.isFree(node.diskAddress, 1)) {
+      if (node.diskAddress >= 0 && deviceOfBlock(node.diskAddress) !== 0) {
+        problems.push(`index node at block ${node.diskAddress} is not on device 0`);
+      } else if (node.diskAddress >= 0 && this.space.isFree(node.diskAddress, 1)) {
         problems.push(`index node at block ${node.diskAddress} is marked free`);
       }
       if (node.diskAddress >= 0 && this.dataRefs.countAt(node.diskAddress) > 0) {
@@ -2079,7 +2374,6 @@ export class Image {
       this.layersDirty = true;
       await this.commit();
     }
-    const fileBlocks = Math.floor(this.backing.size / BLOCK_BYTES);
     const slots = Buffer.alloc(FIRST_ALLOCATABLE_BLOCK * BLOCK_BYTES);
     await readAsync(this.backing, slots, 0);
     const valid = [0, 1].map((slot) => {
@@ -2120,7 +2414,7 @@ export class Image {
           const buffer = Buffer.alloc(BLOCK_BYTES);
           await readAsync(this.backing, buffer, node.diskAddress * BLOCK_BYTES);
           try {
-            const content = decodeNode(buffer, node.diskAddress, fileBlocks);
+            const content = decodeNode(buffer, node.diskAddress, this.deviceEnds());
             const types = node.types;
             const addresses = node.addresses;
             if (types === null || addresses === null) {
@@ -2161,7 +2455,7 @@ export class Image {
       fileBytes: this.backing.size,
       dataBytes: this.dataRefs.referencedBlocks * BLOCK_BYTES,
       indexBytes: nodes * BLOCK_BYTES,
-      freeBytes: this.space.freeBlocks * BLOCK_BYTES,
+      freeBytes: this.spaces.reduce((sum, space) => sum + (space?.freeBlocks ?? 0), 0) * BLOCK_BYTES,
       layers: this.layers.size,
       commits: this.commits,
       sequence: this.sequence,

@@ -35,8 +35,8 @@ import {
   type ReadDone,
   ZeroFlags,
 } from "../devices/block-device";
-import { BLOCK_BYTES, FANOUT, UnitType, type UnitTypeValue } from "./format";
-import { type Image, type Layer, Need, type NeedValue, type Run } from "./image";
+import { BLOCK_BYTES, FANOUT, UnitType, type UnitTypeValue, deviceOfBlock } from "./format";
+import { type Image, type Layer, Need, type NeedValue, type Run, placementStrict } from "./image";
 
 /**
  * Writes at least this large that would land partly in place and partly in new blocks go wholly to new
@@ -343,6 +343,17 @@ export class ImageVolume implements BlockDevice {
     const slice = (block: number, count: number): Buffer =>
       data.subarray((block - firstBlock) * BLOCK_BYTES, (block - firstBlock + count) * BLOCK_BYTES);
 
+    // Where the pool wants this write's new data (-1: next to the left neighbour), and whether data of
+    // the range on another device moves there rather than being overwritten in place.
+    let device = -1;
+    let strict = false;
+    if (image.placement !== null) {
+      const choice = image.placement.writeDevice(layer.disk, firstBlock, endBlock - firstBlock);
+      if (choice >= 0) {
+        strict = choice >= placementStrict;
+        device = choice % placementStrict;
+      }
+    }
     const writeInPlace = (block: number, count: number, address: number): void => {
       pending++;
       image.backing.write(slice(block, count), address * BLOCK_BYTES, false, finish);
@@ -353,7 +364,12 @@ export class ImageVolume implements BlockDevice {
     const inPlace: Array<{ block: number; count: number; address: number }> | null =
       data.length >= relocateWriteBytesMin ? [] : null;
     image.map(layer, firstBlock, endBlock, (run) => {
-      if (run.type === UnitType.DATA && run.pathExclusive && image.writableInPlace(run.address, run.count)) {
+      if (
+        run.type === UnitType.DATA &&
+        run.pathExclusive &&
+        image.writableInPlace(run.address, run.count) &&
+        (!strict || deviceOfBlock(run.address) === device)
+      ) {
         if (inPlace === null) writeInPlace(run.block, run.count, run.address);
         else inPlace.push({ block: run.block, count: run.count, address: run.address });
       } else {
@@ -379,7 +395,7 @@ export class ImageVolume implements BlockDevice {
         let remaining = range.count;
         let hint = this.neighbourHint(block);
         while (remaining > 0) {
-          const [physical, count] = image.allocateData(remaining, hint);
+          const [physical, count] = image.allocateData(remaining, hint, device);
           segments.push({ block, count, physical });
           block += count;
           remaining -= count;

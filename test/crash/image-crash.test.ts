@@ -10,6 +10,10 @@
  *   exists unless its deletion had started; a snapshot whose creation was cut short either does not
  *   exist or is exact too.
  *
+ * Every third seed (seed % 3 == 1) runs the image over two devices (a TieredBacking over two partitions
+ * of one CrashDevice, so one power cut hits both): writes go to a randomly chosen device, strictly or
+ * not, and migrations of random ranges to a random device run concurrently with the writes.
+ *
  * Every even seed runs with an index cache of 0, 1 or 2 leaves (before and after the power cut) and a disk
  * of up to 3 MiB (two leaves under an upper node), so leaves are evicted, read back and released in the
  * background throughout; odd seeds keep every node in memory and disks of up to 1 MiB.
@@ -22,9 +26,11 @@ import assert from "node:assert/strict";
 import { CrashDevice } from "../../src/testing/crash-device";
 import { ModelDisk } from "../../src/testing/model-disk";
 import { Prng } from "../../src/testing/prng";
-import { ZeroFlags } from "../../src/devices/block-device";
+import { type BlockDevice, ZeroFlags } from "../../src/devices/block-device";
+import { PartitionDevice } from "../../src/testing/partition-device";
+import { TieredBacking } from "../../src/image/tiered-backing";
 import { flushAsync, readAsync, trimAsync, writeAsync, zeroAsync } from "../../src/devices/promises";
-import { Image, type Layer } from "../../src/image/image";
+import { Image, type Layer, placementStrict } from "../../src/image/image";
 import { IndexCache, leafPayloadBytes } from "../../src/image/index-cache";
 import { ImageVolume } from "../../src/image/volume";
 
@@ -60,8 +66,30 @@ async function runSeed(seed: number): Promise<void> {
     cacheLeaves === undefined ? undefined : new IndexCache(cacheLeaves * leafPayloadBytes);
   // Up to 1 MiB (3 MiB with a cache), odd sizes included.
   const size = (1 + prng.int(cacheLeaves === undefined ? 2048 : 6144)) * SECTOR;
-  const device = new CrashDevice(BACKING_BYTES, { prng: prng.fork(), reorder: true });
-  const image = await Image.create(device, { name: "d0", sizeBytes: size }, { indexCache: newCache() });
+  const tiered = seed % 3 === 1;
+  const device = new CrashDevice(tiered ? 2 * BACKING_BYTES : BACKING_BYTES, {
+    prng: prng.fork(),
+    reorder: true,
+  });
+  const backingOf = (medium: CrashDevice): BlockDevice =>
+    tiered
+      ? new TieredBacking([
+          new PartitionDevice(medium, 0, BACKING_BYTES),
+          new PartitionDevice(medium, BACKING_BYTES, BACKING_BYTES),
+        ])
+      : medium;
+  const placementPrng = prng.fork();
+  const image = await Image.create(
+    backingOf(device),
+    { name: "d0", sizeBytes: size },
+    { indexCache: newCache() },
+  );
+  if (tiered) {
+    image.placement = {
+      writeDevice: () => placementPrng.int(2) + (placementPrng.bool() ? placementStrict : 0),
+      hasRoom: () => true,
+    };
+  }
   const heads = new Map<string, HeadModel>([
     ["d0", { disk: "d0", model: new ModelDisk(size), alternative: null }],
   ]);
@@ -131,6 +159,21 @@ async function runSeed(seed: number): Promise<void> {
               ),
             );
           }
+        }
+        if (tiered && prng.bool(0.4)) {
+          const layer = image.head(disk) as Layer;
+          const start = prng.int(layer.blocks);
+          const end = Math.min(layer.blocks, start + 1 + prng.int(600));
+          const target = prng.int(2);
+          debug(`step ${step}: migrate ${disk} blocks ${start}..${end} to device ${target}`);
+          burst.push(
+            image.migrate(layer, start, end, target).then(
+              () => undefined,
+              (err) => {
+                if (!device.crashed) throw err;
+              },
+            ),
+          );
         }
         await Promise.all(burst);
       } else if (choice < 60) {
@@ -205,7 +248,7 @@ async function runSeed(seed: number): Promise<void> {
         debug("before", disk, JSON.stringify(r)),
       );
   }
-  const reopened = await Image.open(device.reopen(), { indexCache: newCache() });
+  const reopened = await Image.open(backingOf(device.reopen()), { indexCache: newCache() });
   if (process.env.VDISK_CRASH_DEBUG && cacheLeaves === undefined) {
     for (const [disk] of heads)
       if (reopened.head(disk))
