@@ -37,6 +37,11 @@
  * Invariants: callbacks run exactly once, never synchronously (inner callbacks are async, deliveries come
  * from timers/immediates); outstanding requests <= latencyOutstandingMax; close waits for outstanding
  * requests, then closes the inner device; no verb after close.
+ *
+ * Structure: the timeline (head or channels and link, clock, deliveries) is `DeviceTimeline`; LatencyDevice
+ * is one timeline over one inner device, its model positions being the inner offsets. PhysicalDevice
+ * (physical-device.ts) shares one timeline among several files, with a position in the model separate from
+ * the offset in each file, and a priority queue in front of it.
  */
 import { performance } from "node:perf_hooks";
 
@@ -570,15 +575,7 @@ class LinkCalendar {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The device
-
-export interface LatencyDeviceOptions {
-  model: LatencyModel;
-  /** "real" (default): completions wait in real time. "simulated": a virtual clock, no sleeping. */
-  clock?: "real" | "simulated";
-  /** Simulated clock only: arrival times come from here (µs) instead of the device's virtual clock. */
-  simClock?: { nowUs(): number };
-}
+// The timeline: one modelled device's head or channels and link, its clock and its deliveries
 
 export interface LatencyStats {
   /** Requests that went through the model (everything but blockStatus, usage, resize). */
@@ -598,46 +595,60 @@ export interface LatencyStats {
 }
 
 /** What a verb costs, before queueing. */
-const enum Cost {
+export const enum Cost {
   Read,
   Write,
   /** A command with no data transfer and no head movement (hdd trim and flush; ssd zero, trim, flush). */
   Command,
 }
 
-class PendingRequest implements Timed {
+/**
+ * One request in a timeline: answered by its inner device (`onInner`, passed as the inner verb's callback)
+ * and due at its modelled completion. `completed()` runs once both have happened. A subclass holds the
+ * caller's callback; one object per request serves the inner call, the scheduler and the caller.
+ */
+export abstract class ModelRequest implements DueEntry {
   dueUs = 0;
   seq = 0;
   innerDone = false;
   timeDue = false;
   err: VdiskError | null = null;
   holes: number[] | null | undefined = undefined;
-
-  constructor(
-    private readonly device: LatencyDevice,
-    readonly done: ReadDone,
-  ) {}
+  /** Set by DeviceTimeline.submit. */
+  timeline: DeviceTimeline | null = null;
 
   readonly onInner = (err: VdiskError | null, holes?: number[] | null): void => {
     assert(!this.innerDone, "inner device called back twice");
     this.innerDone = true;
     this.err = err;
     this.holes = holes;
-    this.device.innerCompleted(this);
+    const timeline = this.timeline;
+    assert(timeline !== null, "inner device answered a request before it entered the timeline");
+    timeline.innerCompleted(this);
   };
 
   fireDue(): void {
     assert(!this.timeDue, "due twice");
     this.timeDue = true;
-    if (this.innerDone) this.device.finish(this);
+    const timeline = this.timeline;
+    assert(timeline !== null, "a request fell due before it entered the timeline");
+    if (this.innerDone) timeline.finish(this);
   }
+
+  /** Both answered and due: call back. Runs exactly once, from a timer, an immediate or a callback. */
+  abstract completed(): void;
 }
 
-export class LatencyDevice implements BlockDevice {
-  readonly kind: string;
+/**
+ * The modelled device: the hdd head or the ssd channels and link, the clock, and the delivery of
+ * completions (the real-time scheduler or the simulated queue). A LatencyDevice owns one for its single
+ * inner device; a PhysicalDevice (physical-device.ts) shares one among several files, passing each request's
+ * position in the model separately from its offset in the file. The timeline never reorders: a request's
+ * modelled completion is fixed by `submit`.
+ */
+export class DeviceTimeline {
   readonly model: ResolvedLatencyModel;
   readonly clock: "real" | "simulated";
-  private readonly inner: BlockDevice;
   private readonly simClock: { nowUs(): number } | null;
   private readonly geometry: HddGeometry | null;
   private readonly position: PositionResult = { us: 0, how: Positioning.Sequential };
@@ -654,14 +665,13 @@ export class LatencyDevice implements BlockDevice {
   /** Simulated clock: the modelled completion of the last request delivered. */
   private virtualNowUs = 0;
 
-  // Simulated delivery: pending requests by modelled completion.
-  private readonly simQueue = new TimeHeap<PendingRequest>();
+  // Simulated delivery: requests in the model by modelled completion.
+  private readonly simQueue = new TimeHeap<ModelRequest>();
   private nextSeq = 0;
   private deliveryScheduled = false;
 
-  private outstanding = 0;
-  private closed = false;
-  private closeDone: Done | null = null;
+  /** Requests submitted and not yet completed. */
+  private inModel = 0;
   private readonly counters: LatencyStats = {
     requests: 0,
     busyUs: 0,
@@ -672,17 +682,12 @@ export class LatencyDevice implements BlockDevice {
     simulatedNowUs: 0,
   };
 
-  constructor(inner: BlockDevice, options: LatencyDeviceOptions) {
-    this.model = resolveLatencyModel(options.model);
-    const clock = options.clock ?? "real";
+  constructor(model: LatencyModel, clock: "real" | "simulated", simClock: { nowUs(): number } | null) {
+    this.model = resolveLatencyModel(model);
     if (clock !== "real" && clock !== "simulated") throw invalid(`unknown clock "${String(clock)}"`);
-    if (options.simClock !== undefined && clock !== "simulated") {
-      throw invalid("simClock is for the simulated clock only");
-    }
+    if (simClock !== null && clock !== "simulated") throw invalid("simClock is for the simulated clock only");
     this.clock = clock;
-    this.inner = inner;
-    this.kind = `${inner.kind}+${this.model.kind}`;
-    this.simClock = options.simClock ?? null;
+    this.simClock = simClock;
     this.geometry = this.model.kind === "hdd" ? hddGeometry(this.model) : null;
     this.channelFreeUs = new Float64Array(this.model.kind === "ssd" ? this.model.channels : 0);
     this.originUs = clock === "real" ? nowUs() : 0;
@@ -690,6 +695,193 @@ export class LatencyDevice implements BlockDevice {
     this.latestArrivalUs = this.originUs;
     this.channelFreeUs.fill(this.originUs);
     this.latestCompletionUs = this.originUs;
+  }
+
+  stats(): LatencyStats {
+    return { ...this.counters, simulatedNowUs: this.simulatedNowUs() };
+  }
+
+  /** The latest modelled completion (µs): the makespan once every request has completed. */
+  simulatedNowUs(): number {
+    return this.latestCompletionUs - this.originUs;
+  }
+
+  /** Requests submitted and not yet completed. */
+  get requestsInModel(): number {
+    return this.inModel;
+  }
+
+  /** The clock now (µs, the timeline's coordinates), not clamped to earlier arrivals. */
+  clockUs(): number {
+    if (this.clock === "real") return nowUs();
+    if (this.simClock === null) return this.virtualNowUs;
+    const timeUs = this.simClock.nowUs();
+    assert(Number.isFinite(timeUs) && timeUs >= 0, "simClock.nowUs() is a finite non-negative number");
+    return timeUs;
+  }
+
+  /**
+   * Fix the request's modelled completion and queue its delivery. Call it after handing `request.onInner`
+   * to the inner verb (so a refused verb never enters the model). `offsetBytes` is the position in the
+   * model, `deviceBytes` the modelled device's size (hdd seek distances are fractions of it). `arrivalUs`
+   * defaults to the clock now; either way it is clamped to the previous arrival. Returns the arrival used.
+   */
+  submit(
+    request: ModelRequest,
+    cost: Cost,
+    offsetBytes: number,
+    lengthBytes: number,
+    deviceBytes: number,
+    arrivalUs: number = this.clockUs(),
+  ): number {
+    assert(request.timeline === null, "a request enters a timeline once");
+    assert(this.inModel < latencyOutstandingMax, "too many requests in the model");
+    request.timeline = this;
+    if (arrivalUs > this.latestArrivalUs) this.latestArrivalUs = arrivalUs;
+    const startUs = this.latestArrivalUs;
+    const model = this.model;
+    let completionUs: number;
+    let serviceUs: number;
+    if (model.kind === "hdd") {
+      const geometry = this.geometry;
+      assert(geometry !== null, "hdd geometry");
+      serviceUs = geometry.overheadUs;
+      if (cost !== Cost.Command) {
+        const position = this.position;
+        hddPosition(geometry, this.headBytes, offsetBytes, deviceBytes, position);
+        if (position.how === Positioning.Sequential) {
+          this.counters.sequentialRequests++;
+        } else if (position.how === Positioning.Seek) {
+          this.counters.seeks++;
+          this.counters.seekDistanceBytes += Math.abs(offsetBytes - this.headBytes);
+        }
+        serviceUs += position.us + lengthBytes / geometry.bytesPerUs;
+        this.headBytes = offsetBytes + lengthBytes;
+      }
+      completionUs = Math.max(startUs, this.headFreeUs) + serviceUs;
+      this.headFreeUs = completionUs;
+    } else if (model.kind === "ssd") {
+      const channels = this.channelFreeUs;
+      let channel = 0;
+      for (let index = 1; index < channels.length; index++) {
+        if (channels[index] < channels[channel]) channel = index;
+      }
+      const latencyUs = cost === Cost.Read ? model.readLatencyUs : model.writeLatencyUs;
+      const transferUs = cost === Cost.Command ? 0 : lengthBytes / model.bandwidthMBps;
+      this.link.forget(startUs); // no transfer can start before this arrival
+      if (cost === Cost.Read) {
+        const readyUs = Math.max(startUs, channels[channel]) + latencyUs;
+        completionUs = this.link.reserve(readyUs, transferUs) + transferUs;
+      } else {
+        const transferredUs = this.link.reserve(startUs, transferUs) + transferUs;
+        completionUs = Math.max(transferredUs, channels[channel]) + latencyUs;
+      }
+      channels[channel] = completionUs;
+      serviceUs = latencyUs + transferUs;
+    } else {
+      serviceUs = model.latencyUs;
+      completionUs = startUs + serviceUs;
+    }
+    this.counters.requests++;
+    this.counters.busyUs += serviceUs;
+    this.inModel++;
+    if (this.inModel > this.counters.queuedMax) this.counters.queuedMax = this.inModel;
+    if (completionUs > this.latestCompletionUs) this.latestCompletionUs = completionUs;
+    request.dueUs = completionUs;
+    if (this.clock === "real") {
+      realTimeScheduler ??= new RealTimeScheduler();
+      realTimeScheduler.add(request);
+    } else {
+      request.seq = this.nextSeq++;
+      this.simQueue.push(request);
+      this.deliverSoon();
+    }
+    return startUs;
+  }
+
+  /** Called by ModelRequest when the inner device has answered. */
+  innerCompleted(request: ModelRequest): void {
+    if (this.clock === "real") {
+      if (request.timeDue) this.finish(request);
+    } else {
+      this.deliverSoon();
+    }
+  }
+
+  /** Called once a request is both answered by the inner device and due. */
+  finish(request: ModelRequest): void {
+    assert(request.innerDone && request.timeDue, "finish before the request is answered and due");
+    assert(this.inModel > 0, "requests in the model");
+    this.inModel--;
+    request.completed();
+  }
+
+  /** Simulated clock: deliver the earliest modelled completion on the next turn, once its data is there. */
+  private deliverSoon(): void {
+    if (this.deliveryScheduled) return;
+    const first = this.simQueue.peek();
+    if (first === undefined || !first.innerDone) return;
+    this.deliveryScheduled = true;
+    setImmediate(this.deliverNext);
+  }
+
+  private readonly deliverNext = (): void => {
+    this.deliveryScheduled = false;
+    const first = this.simQueue.peek();
+    // A request submitted since may complete earlier and still wait for its inner device.
+    if (first === undefined || !first.innerDone) return;
+    this.simQueue.pop();
+    if (first.dueUs > this.virtualNowUs) this.virtualNowUs = first.dueUs;
+    first.timeDue = true;
+    try {
+      this.finish(first);
+    } finally {
+      this.deliverSoon();
+    }
+  };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The device
+
+export interface LatencyDeviceOptions {
+  model: LatencyModel;
+  /** "real" (default): completions wait in real time. "simulated": a virtual clock, no sleeping. */
+  clock?: "real" | "simulated";
+  /** Simulated clock only: arrival times come from here (µs) instead of the device's virtual clock. */
+  simClock?: { nowUs(): number };
+}
+
+class PendingRequest extends ModelRequest {
+  constructor(
+    private readonly device: LatencyDevice,
+    readonly done: ReadDone,
+  ) {
+    super();
+  }
+
+  completed(): void {
+    this.device.finish(this);
+  }
+}
+
+export class LatencyDevice implements BlockDevice {
+  readonly kind: string;
+  readonly model: ResolvedLatencyModel;
+  readonly clock: "real" | "simulated";
+  private readonly inner: BlockDevice;
+  private readonly timeline: DeviceTimeline;
+
+  private outstanding = 0;
+  private closed = false;
+  private closeDone: Done | null = null;
+
+  constructor(inner: BlockDevice, options: LatencyDeviceOptions) {
+    this.timeline = new DeviceTimeline(options.model, options.clock ?? "real", options.simClock ?? null);
+    this.model = this.timeline.model;
+    this.clock = this.timeline.clock;
+    this.inner = inner;
+    this.kind = `${inner.kind}+${this.model.kind}`;
   }
 
   get size(): number {
@@ -704,12 +896,12 @@ export class LatencyDevice implements BlockDevice {
   }
 
   stats(): LatencyStats {
-    return { ...this.counters, simulatedNowUs: this.simulatedNowUs() };
+    return this.timeline.stats();
   }
 
   /** The latest modelled completion (µs): the makespan once every request has completed. */
   simulatedNowUs(): number {
-    return this.latestCompletionUs - this.originUs;
+    return this.timeline.simulatedNowUs();
   }
 
   read(buf: Buffer, offset: number, done: ReadDone): void {
@@ -788,18 +980,8 @@ export class LatencyDevice implements BlockDevice {
     this.inner.close(done);
   }
 
-  /** Called by PendingRequest when the inner device has answered. */
-  innerCompleted(pending: PendingRequest): void {
-    if (this.clock === "real") {
-      if (pending.timeDue) this.finish(pending);
-    } else {
-      this.deliverSoon();
-    }
-  }
-
-  /** Called once a request is both answered by the inner device and due: call back. */
+  /** Called by PendingRequest once it is both answered by the inner device and due: call back. */
   finish(pending: PendingRequest): void {
-    assert(pending.innerDone, "finish before the inner device answered");
     assert(this.outstanding > 0, "outstanding count");
     this.outstanding--;
     if (this.closeDone !== null && this.outstanding === 0) this.closeInner();
@@ -812,104 +994,9 @@ export class LatencyDevice implements BlockDevice {
     return new PendingRequest(this, done);
   }
 
-  /** The arrival time of a request submitted now; never before the previous arrival. */
-  private arrivalUs(): number {
-    let arrival: number;
-    if (this.clock === "real") {
-      arrival = nowUs();
-    } else if (this.simClock === null) {
-      arrival = this.virtualNowUs;
-    } else {
-      arrival = this.simClock.nowUs();
-      assert(Number.isFinite(arrival) && arrival >= 0, "simClock.nowUs() is a finite non-negative number");
-    }
-    if (arrival > this.latestArrivalUs) this.latestArrivalUs = arrival;
-    return this.latestArrivalUs;
-  }
-
   /** Fix the request's modelled completion (after the inner call accepted it) and queue its delivery. */
   private schedule(pending: PendingRequest, cost: Cost, offset: number, length: number): void {
-    const arrivalUs = this.arrivalUs();
-    const model = this.model;
-    let completionUs: number;
-    let serviceUs: number;
-    if (model.kind === "hdd") {
-      const geometry = this.geometry;
-      assert(geometry !== null, "hdd geometry");
-      serviceUs = geometry.overheadUs;
-      if (cost !== Cost.Command) {
-        const position = this.position;
-        hddPosition(geometry, this.headBytes, offset, this.inner.size, position);
-        if (position.how === Positioning.Sequential) {
-          this.counters.sequentialRequests++;
-        } else if (position.how === Positioning.Seek) {
-          this.counters.seeks++;
-          this.counters.seekDistanceBytes += Math.abs(offset - this.headBytes);
-        }
-        serviceUs += position.us + length / geometry.bytesPerUs;
-        this.headBytes = offset + length;
-      }
-      completionUs = Math.max(arrivalUs, this.headFreeUs) + serviceUs;
-      this.headFreeUs = completionUs;
-    } else if (model.kind === "ssd") {
-      const channels = this.channelFreeUs;
-      let channel = 0;
-      for (let index = 1; index < channels.length; index++) {
-        if (channels[index] < channels[channel]) channel = index;
-      }
-      const latencyUs = cost === Cost.Read ? model.readLatencyUs : model.writeLatencyUs;
-      const transferUs = cost === Cost.Command ? 0 : length / model.bandwidthMBps;
-      this.link.forget(arrivalUs); // no transfer can start before this arrival
-      if (cost === Cost.Read) {
-        const readyUs = Math.max(arrivalUs, channels[channel]) + latencyUs;
-        completionUs = this.link.reserve(readyUs, transferUs) + transferUs;
-      } else {
-        const transferredUs = this.link.reserve(arrivalUs, transferUs) + transferUs;
-        completionUs = Math.max(transferredUs, channels[channel]) + latencyUs;
-      }
-      channels[channel] = completionUs;
-      serviceUs = latencyUs + transferUs;
-    } else {
-      serviceUs = model.latencyUs;
-      completionUs = arrivalUs + serviceUs;
-    }
-    this.counters.requests++;
-    this.counters.busyUs += serviceUs;
     this.outstanding++;
-    if (this.outstanding > this.counters.queuedMax) this.counters.queuedMax = this.outstanding;
-    if (completionUs > this.latestCompletionUs) this.latestCompletionUs = completionUs;
-    pending.dueUs = completionUs;
-    if (this.clock === "real") {
-      realTimeScheduler ??= new RealTimeScheduler();
-      realTimeScheduler.add(pending);
-    } else {
-      pending.seq = this.nextSeq++;
-      this.simQueue.push(pending);
-      this.deliverSoon();
-    }
+    this.timeline.submit(pending, cost, offset, length, this.inner.size);
   }
-
-  /** Simulated clock: deliver the earliest modelled completion on the next turn, once its data is there. */
-  private deliverSoon(): void {
-    if (this.deliveryScheduled) return;
-    const first = this.simQueue.peek();
-    if (first === undefined || !first.innerDone) return;
-    this.deliveryScheduled = true;
-    setImmediate(this.deliverNext);
-  }
-
-  private readonly deliverNext = (): void => {
-    this.deliveryScheduled = false;
-    const first = this.simQueue.peek();
-    // A request submitted since may complete earlier and still wait for its inner device.
-    if (first === undefined || !first.innerDone) return;
-    this.simQueue.pop();
-    if (first.dueUs > this.virtualNowUs) this.virtualNowUs = first.dueUs;
-    first.timeDue = true;
-    try {
-      this.finish(first);
-    } finally {
-      this.deliverSoon();
-    }
-  };
 }

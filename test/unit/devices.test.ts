@@ -1,7 +1,8 @@
 /**
  * The BlockDevice conformance suite (see src/devices/block-device.ts for the contract), run against every
- * backing: MemoryDevice, FileDevice on a real sparse file under os.tmpdir(), and LatencyDevice over a
- * MemoryDevice (an ssd on the real clock, an hdd on the simulated clock). No mocks.
+ * backing: MemoryDevice, FileDevice on a real sparse file under os.tmpdir(), LatencyDevice over a
+ * MemoryDevice (an ssd on the real clock, an hdd on the simulated clock), and a PhysicalDevice handle over a
+ * MemoryDevice (an hdd on the simulated clock, and no model). No mocks.
  *
  * Each backing supplies a factory that opens a fresh device of a given size, and one that reopens it
  * read-only. Checks that depend on the backing's allocation unit (whole 4 KiB blocks become holes) use
@@ -17,6 +18,7 @@ import { type BlockDevice, type Extent, ExtentFlags, ZeroFlags } from "../../src
 import { FileDevice } from "../../src/devices/file-device";
 import { LatencyDevice, type LatencyDeviceOptions } from "../../src/devices/latency-device";
 import { MemoryDevice } from "../../src/devices/memory-device";
+import { PhysicalDevice, type PhysicalDeviceOptions } from "../../src/devices/physical-device";
 import {
   blockStatusAsync,
   cacheAsync,
@@ -72,6 +74,12 @@ const backings: Backing[] = [
     model: { kind: "hdd" },
     clock: "simulated",
   }),
+  physicalBacking("PhysicalDevice handle (MemoryDevice, second file on an hdd, simulated clock)", {
+    model: { kind: "hdd" },
+    clock: "simulated",
+    modelBytes: 1024 * MiB,
+  }),
+  physicalBacking("PhysicalDevice handle (MemoryDevice, no model)", { model: null, modelBytes: 0 }),
 ];
 
 /** A LatencyDevice over a MemoryDevice: the delay must not change what the device does. */
@@ -82,6 +90,26 @@ function latencyBacking(name: string, options: LatencyDeviceOptions): Backing {
     reopenReadOnly: async (device) => {
       await closeAsync(device);
       return new LatencyDevice(new MemoryDevice(device.size, { readOnly: true }), options);
+    },
+  };
+}
+
+/**
+ * The second file attached to a PhysicalDevice over a MemoryDevice (the first holds a region of the model
+ * and stays idle): sharing a device and its queue must not change what the file does.
+ */
+function physicalBacking(name: string, options: PhysicalDeviceOptions): Backing {
+  const open = (inner: MemoryDevice): BlockDevice => {
+    const device = new PhysicalDevice(options);
+    device.attach(new MemoryDevice(4096), "background");
+    return device.attach(inner, "realtime");
+  };
+  return {
+    name,
+    create: async (size) => open(new MemoryDevice(size)),
+    reopenReadOnly: async (device) => {
+      await closeAsync(device);
+      return open(new MemoryDevice(device.size, { readOnly: true }));
     },
   };
 }
