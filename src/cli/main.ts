@@ -31,6 +31,7 @@ import {
   diskStatsText,
   diskTable,
   engineLines,
+  pinsText,
   jobProgress,
   jobSummary,
   keyValues,
@@ -41,6 +42,8 @@ import {
 } from "./output";
 import { runTop } from "./top";
 import { registerReplay } from "./replay";
+import { registerPools } from "./pool";
+import { parsePins } from "../tier/pools";
 
 interface CommonOptions {
   home?: string;
@@ -159,10 +162,15 @@ async function serve(options: ServeOptions): Promise<void> {
 
 async function create(
   name: string,
-  options: CommonOptions & { size: string; format: string },
+  options: CommonOptions & { size: string; format: string; pool: string },
 ): Promise<void> {
   const size = parseDiskSize(options.size);
-  const result = await clientFor(options).post<DiskInfo>("/v1/disks", { name, size, format: options.format });
+  const result = await clientFor(options).post<DiskInfo>("/v1/disks", {
+    name,
+    size,
+    format: options.format,
+    pool: options.pool,
+  });
   output(
     options,
     result,
@@ -215,9 +223,13 @@ async function set(
     queueDepth?: number;
     sort?: string;
     emulate?: string;
+    priority?: string;
+    pin?: string[];
   },
 ): Promise<void> {
   const body: Record<string, unknown> = {};
+  if (options.priority !== undefined) body.priority = options.priority;
+  if (options.pin !== undefined) body.pins = parsePins(options.pin, parseSize);
   if (options.merge !== undefined) body.merge = options.merge === "on";
   if (options.maxRequest !== undefined) body.maxRequestBytes = parseSize(options.maxRequest);
   if (options.queueDepth !== undefined) body.queueDepth = options.queueDepth;
@@ -234,8 +246,14 @@ async function set(
       ["disk", disk.name],
       ...(disk.engine ? engineLines(disk.engine) : []),
       ["emulate", disk.emulate ?? "none"],
+      ["priority", disk.priority ?? "normal"],
+      ["pins", pinsText(disk.pins ?? [])],
     ]),
   );
+}
+
+function collectPins(value: string, previous: string[] | undefined): string[] {
+  return [...(previous ?? []), value];
 }
 
 async function remove(name: string, options: CommonOptions & { force?: boolean }): Promise<void> {
@@ -500,6 +518,7 @@ export function buildProgram(): Command {
       choice("--format", ["vdisk", "raw"]),
       "vdisk",
     )
+    .option("--pool <pool>", "the pool to create it in (vdisk pool list)", "default")
     .action(handled(create));
   command(program, "list", "list the disks").action(handled(list));
   command(program, "info <name>", "show one disk").action(handled(info));
@@ -519,6 +538,16 @@ export function buildProgram(): Command {
     .option(
       "--emulate <model>",
       "make the device answer like a modelled disk: hdd, ssd, none, or e.g. hdd:rpm=5400 (no clients connected)",
+    )
+    .option(
+      "--priority <priority>",
+      "realtime (fast-class space and device queues first), normal or background",
+      choice("--priority", ["realtime", "normal", "background"]),
+    )
+    .option(
+      "--pin <pin>",
+      "keep data on a device class: CLASS (whole disk), CLASS:START-END (e.g. ssd:0-4G; repeat), or none",
+      collectPins,
     )
     .action(handled(set));
   command(program, "delete <name>", "delete a disk, its data and the snapshots no other disk needs")
@@ -574,6 +603,7 @@ export function buildProgram(): Command {
     .option("--interval <seconds>", "seconds between samples", positiveSeconds("--interval"), 1)
     .action(handled(top));
   registerReplay(program, command, handled);
+  registerPools(program, command, handled);
   program
     .command("bench")
     .description("run the benchmark: fio against vdisk, qemu-nbd and nbdkit side by side (npm run bench)")

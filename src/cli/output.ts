@@ -7,6 +7,7 @@
  *
  * `--json` output never comes through here: it is the API's body, printed as received.
  */
+import type { DiskPin } from "../tier/pools";
 import { SingleBar } from "cli-progress";
 import { VdiskError } from "../errors";
 import type {
@@ -80,6 +81,8 @@ export function diskDetails(disk: DiskInfo): string {
   ];
   if (disk.engine) pairs.push(...engineLines(disk.engine));
   if (disk.emulate) pairs.push(["emulate", disk.emulate]);
+  pairs.push(["priority", disk.priority ?? "normal"]);
+  if (disk.pins) pairs.push(["pins", pinsText(disk.pins)]);
   const image = disk.image;
   if (!image) return keyValues(pairs);
   pairs.push(
@@ -91,6 +94,18 @@ export function diskDetails(disk: DiskInfo): string {
     ["snapshots", String(image.snapshots)],
   );
   return `${keyValues(pairs)}\n\nspace per layer (the disk, then the snapshots it is built on):\n${layerTable(image.layers)}`;
+}
+
+/** Pins as `vdisk set --pin` takes them: ssd, ssd:0-4G. */
+export function pinsText(pins: readonly DiskPin[]): string {
+  if (pins.length === 0) return "none";
+  return pins
+    .map((pin) =>
+      pin.start === 0 && pin.end === null
+        ? pin.class
+        : `${pin.class}:${formatSize(pin.start)}-${pin.end === null ? "end" : formatSize(pin.end)}`,
+    )
+    .join(", ");
 }
 
 /** The request engine's settings (as `vdisk set` takes them) and its counters. */

@@ -23,6 +23,13 @@
  *   GET    /v1/stats                  StatsSnapshot (src/monitor/types.ts): disks, clients, counters, process
  *   GET    /v1/disks/NAME/stats[?top=N]  one disk's DiskStats, with its N hottest extents (default 16)
  *   GET    /metrics                   Prometheus text format (docs/metrics.md)
+ *   GET    /v1/pools                  {"pools":[pool...]} devices, classes, capacity, use, disks
+ *   POST   /v1/pools                  {"name","class"?,"emulate"?} → 201 pool
+ *   POST   /v1/pools/NAME/devices     {"path","class","capacity"?,"emulate"?} → 201 pool
+ *   POST   /v1/pools/NAME/settings    {"policy"?,"fastClass"?,"migrateBytesPerSecond"?} → pool
+ *   GET    /v1/tier[?disk=NAME]       TierStatus (src/tier/tier-manager.ts): pools, devices, moves, disks
+ *   POST   /v1/pools/NAME/tier/run    one placement pass now; its PassResult once its moves are done
+ *   (POST /v1/disks with "pool"; settings take "priority" and "pins" too)
  * Errors: {"error":{"code","message","hint"}} with the code's HTTP status (errors.ts).
  *
  * Hardening: request bodies are capped (apiBodyBytesMax); requests from other web pages (an Origin header
@@ -48,7 +55,7 @@ import * as path from "node:path";
 import { VdiskError, type ErrorCode } from "../errors";
 import { KiB, heatTopMax } from "../limits";
 import type { StatsSnapshot } from "../monitor/types";
-import { parseDiskSize } from "../util/size";
+import { parseDiskSize, parseSize } from "../util/size";
 import { diskFormats, type DiskFormat } from "./catalog";
 import { type ExportFormat, type ImportFormat, type JobManager, exportFormats, importFormats } from "./jobs";
 import type { DiskRegistry } from "./registry";
@@ -106,7 +113,14 @@ function routes(ctx: ApiContext): Route[] {
       pattern: /^\/v1\/disks$/,
       handler: async (_p, body) => {
         const format = choiceField<DiskFormat>(body, "format", diskFormats, "vdisk");
-        return ok(await registry.create(field(body, "name"), sizeField(body), { format }), 201);
+        const pool = optionalString(body, "pool");
+        return ok(
+          await registry.create(field(body, "name"), sizeField(body), {
+            format,
+            ...(pool === undefined ? {} : { pool }),
+          }),
+          201,
+        );
       },
     },
     {
@@ -192,6 +206,78 @@ function routes(ctx: ApiContext): Route[] {
         return ok(await jobs.startExport(field(body, "name"), field(body, "file"), format), 202);
       },
     },
+    {
+      method: "GET",
+      pattern: /^\/v1\/pools$/,
+      handler: async () => ok({ pools: await registry.poolList() }),
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/pools$/,
+      handler: async (_p, body) => {
+        const cls = optionalString(body, "class");
+        const emulate = optionalString(body, "emulate");
+        return ok(
+          await registry.poolCreate(field(body, "name"), {
+            ...(cls === undefined ? {} : { class: cls }),
+            ...(emulate === undefined ? {} : { emulate }),
+          }),
+          201,
+        );
+      },
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/pools\/([^/]+)\/devices$/,
+      handler: async ([pool], body) => {
+        const emulate = optionalString(body, "emulate");
+        const capacity = body.capacity === undefined ? undefined : parseSizeValue(body.capacity, "capacity");
+        return ok(
+          await registry.poolAddDevice(pool, field(body, "path"), {
+            class: field(body, "class"),
+            ...(capacity === undefined ? {} : { capacity }),
+            ...(emulate === undefined ? {} : { emulate }),
+          }),
+          201,
+        );
+      },
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/pools\/([^/]+)\/settings$/,
+      handler: async ([pool], body) => {
+        const policy = optionalString(body, "policy");
+        const fastClass = optionalString(body, "fastClass");
+        const rate =
+          body.migrateBytesPerSecond === undefined
+            ? undefined
+            : parseSizeValue(body.migrateBytesPerSecond, "migrateBytesPerSecond");
+        return ok(
+          await registry.poolSet(pool, {
+            ...(policy === undefined ? {} : { policy }),
+            ...(fastClass === undefined ? {} : { fastClass }),
+            ...(rate === undefined ? {} : { migrateBytesPerSecond: rate }),
+          }),
+        );
+      },
+    },
+    {
+      method: "GET",
+      pattern: /^\/v1\/tier$/,
+      handler: async (_p, _b, query) => ok(await registry.tier.status(query.get("disk") ?? undefined)),
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/pools\/([^/]+)\/tier\/run$/,
+      handler: async ([pool]) => {
+        if (!(await registry.poolList()).some((found) => found.name === pool)) {
+          throw new VdiskError("NOT_FOUND", `no pool named ${pool}`, {
+            hint: "vdisk pool list shows the pools",
+          });
+        }
+        return ok(await registry.tier.run(pool));
+      },
+    },
     { method: "GET", pattern: /^\/v1\/jobs$/, handler: async () => ok({ jobs: jobs.list() }) },
     { method: "GET", pattern: /^\/v1\/jobs\/(\d+)$/, handler: async ([id]) => ok(jobs.get(Number(id))) },
     { method: "GET", pattern: /^\/v1\/stats$/, handler: async () => ok(await ctx.freshStats()) },
@@ -240,6 +326,26 @@ function sizeField(body: Body): number {
     });
   }
   return parseDiskSize(value);
+}
+
+function optionalString(body: Body, name: string): string | undefined {
+  const value = body[name];
+  if (value === undefined) return undefined;
+  if (typeof value !== "string" || value === "") {
+    throw new VdiskError("BAD_REQUEST", `"${name}" must be a non-empty string`, {
+      hint: `send {"${name}": "..."} or leave it out`,
+    });
+  }
+  return value;
+}
+
+/** A byte count given as a number or a size string ("20G"). */
+function parseSizeValue(value: unknown, name: string): number {
+  if (typeof value === "number" && Number.isSafeInteger(value) && value >= 0) return value;
+  if (typeof value === "string") return parseSize(value);
+  throw new VdiskError("BAD_REQUEST", `"${name}" must be bytes or a size such as "20G"`, {
+    hint: `send {"${name}": "20G"}`,
+  });
 }
 
 function booleanField(body: Body, name: string): boolean {

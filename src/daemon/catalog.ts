@@ -24,6 +24,14 @@ import { checkDiskSize } from "../util/size";
 import { type EngineSettings, checkEngineSettings } from "../engine/request-engine";
 import { parseLatencyModel } from "../devices/latency-device";
 import { writeFileAtomic } from "./home";
+import {
+  type DiskPin,
+  type DiskPriority,
+  type PoolRecord,
+  checkPins,
+  checkPoolRecord,
+  validatePriority,
+} from "../tier/pools";
 
 export const catalogVersion = 1;
 
@@ -48,11 +56,17 @@ export interface DiskRecord {
    * "hdd", "ssd:channels=4", ... For benchmarks and tests on machines without such disks; absent = none.
    */
   emulate?: string;
+  /** `vdisk set --priority`; absent = normal. */
+  priority?: DiskPriority;
+  /** `vdisk set --pin`: ranges of the disk that stay on one device class (src/tier/pools.ts). */
+  pins?: DiskPin[];
 }
 
 export interface Catalog {
   version: number;
   disks: DiskRecord[];
+  /** Pools other than an implicit default (`vdisk pool create`); the default pool is listed once changed. */
+  pools?: PoolRecord[];
 }
 
 const namePattern = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
@@ -128,7 +142,7 @@ function corrupt(file: string, why: string, cause?: unknown): VdiskError {
 }
 
 function checkCatalog(parsed: unknown, file: string, home: string): Catalog {
-  const record = parsed as { version?: unknown; disks?: unknown } | null;
+  const record = parsed as { version?: unknown; disks?: unknown; pools?: unknown } | null;
   if (record === null || typeof record !== "object") throw corrupt(file, "it is not an object");
   if (record.version !== catalogVersion) throw corrupt(file, `unknown version ${String(record.version)}`);
   if (!Array.isArray(record.disks)) throw corrupt(file, '"disks" is not a list');
@@ -147,7 +161,23 @@ function checkCatalog(parsed: unknown, file: string, home: string): Catalog {
     files.set(key, disk.format);
     return disk;
   });
-  return { version: catalogVersion, disks };
+  let pools: PoolRecord[] | undefined;
+  if (record.pools !== undefined) {
+    if (!Array.isArray(record.pools)) throw corrupt(file, '"pools" is not a list');
+    const names = new Set<string>();
+    pools = record.pools.map((entry: unknown, index: number) => {
+      let pool: PoolRecord;
+      try {
+        pool = checkPoolRecord(entry);
+      } catch (err) {
+        throw corrupt(file, `pool #${index + 1}: ${(err as Error).message}`, err);
+      }
+      if (names.has(pool.name)) throw corrupt(file, `pool "${pool.name}" is listed twice`);
+      names.add(pool.name);
+      return pool;
+    });
+  }
+  return pools === undefined ? { version: catalogVersion, disks } : { version: catalogVersion, disks, pools };
 }
 
 function checkRecord(entry: unknown, file: string, home: string, index: number): DiskRecord {
@@ -200,6 +230,12 @@ function checkRecord(entry: unknown, file: string, home: string, index: number):
     }
     record.emulate = disk.emulate;
   }
+  try {
+    if (disk.priority !== undefined) record.priority = validatePriority(disk.priority);
+    if (disk.pins !== undefined) record.pins = checkPins(disk.pins);
+  } catch (err) {
+    throw corrupt(file, `${where}: ${(err as Error).message}`, err);
+  }
   return record;
 }
 
@@ -212,6 +248,10 @@ export function isInside(home: string, relative: string): boolean {
 
 /** Replace `<home>/catalog.json` atomically. */
 export function saveCatalog(home: string, catalog: Catalog): void {
-  const text = JSON.stringify({ version: catalogVersion, disks: catalog.disks }, null, 2) + "\n";
+  const content =
+    catalog.pools === undefined
+      ? { version: catalogVersion, disks: catalog.disks }
+      : { version: catalogVersion, disks: catalog.disks, pools: catalog.pools };
+  const text = JSON.stringify(content, null, 2) + "\n";
   writeFileAtomic(path.join(home, "catalog.json"), text);
 }

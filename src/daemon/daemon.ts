@@ -175,6 +175,7 @@ async function startParts(
     await registry.create(limits.defaultDiskName, limits.defaultDiskBytes);
   }
   const recorder = new StatsRecorder({ enabled: options.monitor ?? true });
+  if (recorder.enabled) registry.tier.setHeatSource(recorder);
   const server = (started.server = new NbdServer({
     exports: registry,
     ...(recorder.enabled ? { monitor: recorder.monitor } : {}),

@@ -52,6 +52,28 @@ import {
   validateDiskName,
 } from "./catalog";
 import { defaultPoolName } from "./home";
+import { TieredBacking } from "../image/tiered-backing";
+import {
+  type DiskPin,
+  type DiskPriority,
+  type PoolDevice,
+  type PoolRecord,
+  type PoolPolicy,
+  defaultPool,
+  checkPins,
+  validateClass,
+  validateMigrateRate,
+  validatePolicy,
+  validatePoolName,
+  validatePriority,
+} from "../tier/pools";
+import { TierManager, type TierImage, type PoolTierStatus } from "../tier/tier-manager";
+
+/** A pool as `vdisk pool list` shows it. */
+export interface PoolInfo extends PoolTierStatus {
+  disks: string[];
+}
+import { DEVICES_MAX } from "../image/format";
 
 /** Opens (or, with `create`, creates as a sparse file of that size) a disk's backing device. */
 export type DeviceOpener = (
@@ -118,6 +140,10 @@ export interface DiskInfo {
   engine?: EngineStats;
   /** The latency model the device is wrapped in (`vdisk set --emulate`), in `info` only. */
   emulate?: string;
+  /** `vdisk set --priority`, when not normal. */
+  priority?: DiskPriority;
+  /** `vdisk set --pin`, when pinned. */
+  pins?: DiskPin[];
 }
 
 export interface SnapshotInfo {
@@ -204,7 +230,10 @@ interface Users {
 interface OpenImage {
   /** Relative to the home. */
   file: string;
-  backing: BlockDevice;
+  /** The pool the image's disks are in. */
+  pool: string;
+  /** The image's devices: device 0 is the image file, the others its files on the pool's devices. */
+  backing: TieredBacking;
   image: Image;
   /** Catalog disks (heads) of this image. */
   disks: Set<string>;
@@ -248,13 +277,40 @@ export class DiskRegistry implements ExportProvider {
   private readonly images = new Map<string, OpenImage>();
   private mutations: Promise<unknown> = Promise.resolve();
   private disconnector: ExportDisconnector | null = null;
+  /** Pools by name; the default pool is always there. */
+  private readonly poolRecords = new Map<string, PoolRecord>();
+  /** Whether the catalog lists pools (once any pool was created or changed); else they are implicit. */
+  private poolsListed = false;
+  /** Placement and migration across each pool's devices (src/tier/). */
+  readonly tier: TierManager;
 
   private constructor(
     readonly home: string,
     private readonly openDevice: DeviceOpener,
     private readonly log: (message: string) => void,
     readonly indexCache: IndexCache,
-  ) {}
+  ) {
+    this.poolRecords.set(defaultPoolName, defaultPool(defaultPoolName));
+    this.tier = new TierManager({
+      pools: () => [...this.poolRecords.values()],
+      images: () => this.tierImages(),
+      log,
+    });
+  }
+
+  /** The open images with their disks, for the tier manager. */
+  private tierImages(): TierImage[] {
+    return [...this.images.values()].map((open) => ({
+      pool: open.pool,
+      file: open.file,
+      image: open.image,
+      backing: open.backing,
+      disks: [...open.disks]
+        .map((name) => this.disks.get(name))
+        .filter((disk): disk is OpenDisk => disk !== undefined && !disk.deleting)
+        .map((disk) => ({ record: disk.record })),
+    }));
+  }
 
   /** Load the catalog of `home` and open every disk in it. */
   static async open(home: string, options: RegistryOptions = {}): Promise<DiskRegistry> {
@@ -265,9 +321,14 @@ export class DiskRegistry implements ExportProvider {
       options.indexCache ?? new IndexCache(Infinity),
     );
     const catalog = loadCatalog(home);
+    if (catalog.pools !== undefined) {
+      registry.poolsListed = true;
+      for (const pool of catalog.pools) registry.poolRecords.set(pool.name, pool);
+    }
     try {
       for (const record of catalog.disks) await registry.openRecord(record);
       for (const image of registry.images.values()) await registry.removeOrphanHeads(image);
+      registry.tier.refresh();
     } catch (err) {
       await registry.closeAll();
       throw err;
@@ -285,7 +346,7 @@ export class DiskRegistry implements ExportProvider {
     let device: BlockDevice;
     let image: OpenImage | null = null;
     if (record.format === "vdisk") {
-      image = await this.openImage(record.file);
+      image = await this.openImage(record.file, record.pool);
       const head = image.image.head(record.name);
       if (!head) {
         throw new VdiskError("CORRUPT", `disk "${record.name}": the image ${record.file} has no such disk`, {
@@ -306,13 +367,14 @@ export class DiskRegistry implements ExportProvider {
     this.addDisk(record, device, image);
   }
 
-  private async openImage(file: string): Promise<OpenImage> {
+  private async openImage(file: string, pool: string): Promise<OpenImage> {
     const open = this.images.get(file);
     if (open) return open;
-    const backing = await this.openDevice(path.join(this.home, file), { readOnly: false });
+    const backing = await this.openBacking(file, pool, null);
     let image: Image;
     try {
       image = await Image.open(backing, { indexCache: this.indexCache });
+      image.placement = this.tier.placement(pool);
     } catch (err) {
       await closeAsync(backing).catch(() => undefined);
       const error = fromSystemError(err, `cannot open the image ${file}`);
@@ -321,9 +383,66 @@ export class DiskRegistry implements ExportProvider {
         hint: error.hint ?? `restore ${file} from a backup`,
       });
     }
-    const opened: OpenImage = { file, backing, image, disks: new Set(), snapshots: new Map() };
+    const opened: OpenImage = { file, pool, backing, image, disks: new Set(), snapshots: new Map() };
     this.images.set(file, opened);
+    this.tier.trackHandles(file, backing.devices);
     return opened;
+  }
+
+  /**
+   * The devices of image `file` of `pool`: the image file (created with `create` bytes when not null),
+   * then its file on every other device of the pool (created empty when missing), each behind the device's
+   * emulation when it has one.
+   */
+  private async openBacking(file: string, poolName: string, create: number | null): Promise<TieredBacking> {
+    const pool = this.poolRecord(poolName);
+    const opened: Array<BlockDevice | undefined> = [];
+    try {
+      const primary = await this.openDevice(
+        path.join(this.home, file),
+        create === null ? { readOnly: false } : { readOnly: false, create },
+      );
+      opened[0] = this.tier.deviceHandle(pool.name, pool.devices[0] as PoolDevice, primary);
+      for (const device of pool.devices) {
+        if (device.id === 0) continue;
+        opened[device.id] = this.tier.deviceHandle(pool.name, device, await this.openTierFile(device, file));
+      }
+    } catch (err) {
+      for (const device of opened) if (device) await closeAsync(device).catch(() => undefined);
+      throw err;
+    }
+    return new TieredBacking(opened);
+  }
+
+  /** Image `file`'s data file on pool device `device` (same base name), created empty if missing. */
+  private async openTierFile(device: PoolDevice, file: string): Promise<BlockDevice> {
+    const tierFile = this.tierFilePath(device, file);
+    fs.mkdirSync(path.dirname(tierFile), { recursive: true });
+    return fs.existsSync(tierFile)
+      ? this.openDevice(tierFile, { readOnly: false })
+      : this.openDevice(tierFile, { readOnly: false, create: 0 });
+  }
+
+  private tierFilePath(device: PoolDevice, file: string): string {
+    return path.join(path.resolve(this.home, device.path), path.basename(file));
+  }
+
+  /** Remove image `file`'s data files on the devices of its pool other than device 0. */
+  private removeTierFiles(poolName: string, file: string): void {
+    const pool = this.poolRecords.get(poolName);
+    for (const device of pool?.devices ?? []) {
+      if (device.id !== 0) fs.rmSync(this.tierFilePath(device, file), { force: true });
+    }
+  }
+
+  private poolRecord(name: string): PoolRecord {
+    const pool = this.poolRecords.get(name);
+    if (!pool) {
+      throw new VdiskError("NOT_FOUND", `no pool named ${name}`, {
+        hint: "vdisk pool list shows the pools; vdisk pool create NAME makes one",
+      });
+    }
+    return pool;
   }
 
   /** Heads no catalog entry names are left by a clone or delete cut short by a crash. */
@@ -722,10 +841,171 @@ export class DiskRegistry implements ExportProvider {
       .sort((a, b) => a.file.localeCompare(b.file));
   }
 
-  /** The pools disks live in, with their directories. */
+  /** The pools disks live in, with their directories (device 0). */
   pools(): Array<{ name: string; dir: string }> {
-    const names = new Set([defaultPoolName, ...[...this.disks.values()].map((disk) => disk.record.pool)]);
+    const names = new Set([
+      ...this.poolRecords.keys(),
+      ...[...this.disks.values()].map((disk) => disk.record.pool),
+    ]);
     return [...names].sort().map((name) => ({ name, dir: path.join(this.home, "pools", name) }));
+  }
+
+  // ---- Pools of devices (src/tier/pools.ts) -----------------------------------------------------------
+
+  /** Every pool with its devices, their use, and the pool's disks. */
+  async poolList(): Promise<PoolInfo[]> {
+    const status = await this.tier.status();
+    return status.pools.map((pool) => ({
+      ...pool,
+      disks: [...this.disks.values()]
+        .filter((disk) => disk.record.pool === pool.name && !disk.deleting)
+        .map((disk) => disk.record.name)
+        .sort(),
+    }));
+  }
+
+  private async poolInfo(name: string): Promise<PoolInfo> {
+    const found = (await this.poolList()).find((pool) => pool.name === name);
+    assert(found, "the pool exists");
+    return found;
+  }
+
+  /** A new pool whose device 0 is `pools/NAME/` in the home, of class `cls`, maybe emulated. */
+  poolCreate(name: string, options: { class?: string; emulate?: string } = {}): Promise<PoolInfo> {
+    validatePoolName(name);
+    const cls = validateClass(options.class ?? "default");
+    const emulate = options.emulate === undefined ? undefined : checkEmulate(options.emulate);
+    return this.exclusive(async () => {
+      if (this.poolRecords.has(name)) {
+        throw new VdiskError("DISK_EXISTS", `a pool named ${name} already exists`, {
+          hint: "choose another name; vdisk pool list shows the pools",
+        });
+      }
+      const pool = defaultPool(name);
+      (pool.devices[0] as PoolDevice).class = cls;
+      if (emulate !== undefined && emulate !== "none") (pool.devices[0] as PoolDevice).emulate = emulate;
+      fs.mkdirSync(path.join(this.home, "pools", name), { recursive: true });
+      this.poolRecords.set(name, pool);
+      this.savePools(() => this.poolRecords.delete(name));
+      return this.poolInfo(name);
+    });
+  }
+
+  /**
+   * Add directory `dir` (absolute, created if missing) to `pool` as a device of class `cls`. Every open
+   * image of the pool starts using it at once (its file there is created empty).
+   */
+  poolAddDevice(
+    poolName: string,
+    dir: string,
+    options: { class: string; capacity?: number; emulate?: string },
+  ): Promise<PoolInfo> {
+    const cls = validateClass(options.class);
+    const emulate = options.emulate === undefined ? undefined : checkEmulate(options.emulate);
+    if (options.capacity !== undefined && (!Number.isSafeInteger(options.capacity) || options.capacity < 0)) {
+      throw new VdiskError("INVALID_ARGUMENT", "the capacity must be a size in bytes", {
+        hint: "e.g. --capacity 20G",
+      });
+    }
+    if (!path.isAbsolute(dir)) {
+      throw new VdiskError("INVALID_ARGUMENT", `the device path ${dir} is not absolute`, {
+        hint: "give the directory as an absolute path (the CLI resolves relative ones)",
+      });
+    }
+    return this.exclusive(async () => {
+      const pool = this.poolRecord(poolName);
+      const resolved = path.resolve(dir);
+      for (const other of this.poolRecords.values()) {
+        for (const device of other.devices) {
+          const used = path.resolve(this.home, device.path);
+          if (
+            used === resolved ||
+            resolved.startsWith(used + path.sep) ||
+            used.startsWith(resolved + path.sep)
+          ) {
+            throw new VdiskError("DISK_EXISTS", `${dir} overlaps device ${device.id} of pool ${other.name}`, {
+              hint: "give each device its own directory",
+            });
+          }
+        }
+      }
+      let id = 1;
+      while (pool.devices.some((device) => device.id === id)) id++;
+      if (id >= DEVICES_MAX) {
+        throw new VdiskError("LIMIT", `pool ${poolName} already has ${DEVICES_MAX} devices`);
+      }
+      try {
+        fs.mkdirSync(resolved, { recursive: true });
+        fs.accessSync(resolved, fs.constants.W_OK);
+      } catch (err) {
+        throw fromSystemError(err, `using ${dir} as a device`);
+      }
+      const device: PoolDevice = { id, class: cls, path: resolved };
+      if (options.capacity !== undefined) device.capacity = options.capacity;
+      if (emulate !== undefined && emulate !== "none") device.emulate = emulate;
+      // Open the device's file of every image of the pool first, so a failure changes nothing.
+      const added: Array<{ open: OpenImage; file: BlockDevice }> = [];
+      try {
+        for (const open of this.images.values()) {
+          if (open.pool !== poolName) continue;
+          const file = this.tier.deviceHandle(poolName, device, await this.openTierFile(device, open.file));
+          added.push({ open, file });
+        }
+      } catch (err) {
+        for (const { file } of added) await closeAsync(file).catch(() => undefined);
+        throw err;
+      }
+      pool.devices.push(device);
+      try {
+        this.savePools(() => pool.devices.pop());
+      } catch (err) {
+        for (const { file } of added) await closeAsync(file).catch(() => undefined);
+        throw err;
+      }
+      for (const { open, file } of added) {
+        open.image.attachDevice(id, file);
+        this.tier.trackHandles(open.file, open.backing.devices);
+      }
+      this.tier.refresh();
+      return this.poolInfo(poolName);
+    });
+  }
+
+  /** Change a pool's policy, fast class or migration rate. */
+  poolSet(
+    poolName: string,
+    changes: { policy?: string; fastClass?: string; migrateBytesPerSecond?: number },
+  ): Promise<PoolInfo> {
+    const policy: PoolPolicy | undefined =
+      changes.policy === undefined ? undefined : validatePolicy(changes.policy);
+    const fastClass = changes.fastClass === undefined ? undefined : validateClass(changes.fastClass);
+    const rate =
+      changes.migrateBytesPerSecond === undefined
+        ? undefined
+        : validateMigrateRate(changes.migrateBytesPerSecond);
+    return this.exclusive(async () => {
+      const pool = this.poolRecord(poolName);
+      const previous = { ...pool };
+      if (policy !== undefined) pool.policy = policy;
+      if (fastClass !== undefined) pool.fastClass = fastClass;
+      if (rate !== undefined) pool.migrateBytesPerSecond = rate;
+      this.savePools(() => Object.assign(pool, previous));
+      this.tier.refresh();
+      return this.poolInfo(poolName);
+    });
+  }
+
+  /** Save with pools listed; on failure run `undo` and rethrow. */
+  private savePools(undo: () => void): void {
+    const listed = this.poolsListed;
+    this.poolsListed = true;
+    try {
+      this.save();
+    } catch (err) {
+      this.poolsListed = listed;
+      undo();
+      throw err;
+    }
   }
 
   // ---- Pins (jobs) ---------------------------------------------------------------------------------------
@@ -774,13 +1054,27 @@ export class DiskRegistry implements ExportProvider {
   async create(
     name: string,
     size: number,
-    options: { format?: DiskFormat; pinFor?: { jobId: number; what: string } } = {},
+    options: { format?: DiskFormat; pool?: string; pinFor?: { jobId: number; what: string } } = {},
   ): Promise<DiskInfo> {
     validateDiskName(name);
     checkDiskSize(size);
     const format = options.format ?? "vdisk";
+    const pool = options.pool ?? defaultPoolName;
     return this.exclusive(async () => {
-      const disk = format === "vdisk" ? await this.createVdisk(name, size) : await this.createRaw(name, size);
+      this.poolRecord(pool);
+      if (format === "raw" && this.poolRecord(pool).devices.length > 1) {
+        throw new VdiskError(
+          "INVALID_ARGUMENT",
+          `pool ${pool} has several devices; raw disks cannot be tiered`,
+          {
+            hint: "create a vdisk-format disk (the default) in a tiered pool, or a raw disk in a pool of one device",
+          },
+        );
+      }
+      const disk =
+        format === "vdisk"
+          ? await this.createVdisk(name, size, pool)
+          : await this.createRaw(name, size, pool);
       if (options.pinFor) disk.pins.set(options.pinFor.jobId, options.pinFor.what);
       return infoOf(disk, false);
     });
@@ -800,13 +1094,14 @@ export class DiskRegistry implements ExportProvider {
     });
   }
 
-  private async createRaw(name: string, size: number): Promise<OpenDisk> {
+  private async createRaw(name: string, size: number, pool: string): Promise<OpenDisk> {
     this.refuseExisting(name);
-    const relative = path.posix.join("pools", defaultPoolName, `${name}.raw`);
+    const relative = path.posix.join("pools", pool, `${name}.raw`);
     const file = path.join(this.home, relative);
     if (fs.existsSync(file)) throw this.orphanFile(relative);
+    fs.mkdirSync(path.dirname(file), { recursive: true });
     const device = await this.openDevice(file, { readOnly: false, create: size });
-    const disk = this.addDisk(newRecord(name, device.size, "raw", relative), device, null);
+    const disk = this.addDisk(newRecord(name, device.size, "raw", relative, pool), device, null);
     try {
       this.save();
     } catch (err) {
@@ -880,7 +1175,7 @@ export class DiskRegistry implements ExportProvider {
         fs.rmSync(link, { force: true });
         throw err;
       }
-      const record = { ...newRecord(name, device.size, "raw", relative), readOnly };
+      const record = { ...newRecord(name, device.size, "raw", relative, defaultPoolName), readOnly };
       const disk = this.addDisk(record, device, null);
       try {
         this.save();
@@ -895,14 +1190,10 @@ export class DiskRegistry implements ExportProvider {
   }
 
   /** A new image file for a new family: NAME.vdisk, or NAME.2.vdisk, ... when an older family has it. */
-  private newImageFile(name: string): string {
+  private newImageFile(name: string, pool: string): string {
     const used = new Set([...this.disks.values()].map((disk) => disk.record.file));
     for (let n = 1; n <= imageFileCandidatesMax; n++) {
-      const relative = path.posix.join(
-        "pools",
-        defaultPoolName,
-        n === 1 ? `${name}.vdisk` : `${name}.${n}.vdisk`,
-      );
+      const relative = path.posix.join("pools", pool, n === 1 ? `${name}.vdisk` : `${name}.${n}.vdisk`);
       if (used.has(relative)) continue;
       if (fs.existsSync(path.join(this.home, relative))) throw this.orphanFile(relative);
       return relative;
@@ -912,25 +1203,36 @@ export class DiskRegistry implements ExportProvider {
     });
   }
 
-  private async createVdisk(name: string, size: number): Promise<OpenDisk> {
+  private async createVdisk(name: string, size: number, pool: string): Promise<OpenDisk> {
     this.refuseExisting(name);
-    const relative = this.newImageFile(name);
+    const relative = this.newImageFile(name, pool);
     const file = path.join(this.home, relative);
-    const backing = await this.openDevice(file, { readOnly: false, create: imageFileBytesInitial });
+    fs.mkdirSync(path.dirname(file), { recursive: true });
+    const backing = await this.openBacking(relative, pool, imageFileBytesInitial);
     let image: Image;
     try {
       image = await Image.create(backing, { name, sizeBytes: size }, { indexCache: this.indexCache });
+      image.placement = this.tier.placement(pool);
     } catch (err) {
       await closeAsync(backing).catch(() => undefined);
       fs.rmSync(file, { force: true });
+      this.removeTierFiles(pool, relative);
       throw fromSystemError(err, `cannot create the image ${relative}`);
     }
-    const open: OpenImage = { file: relative, backing, image, disks: new Set([name]), snapshots: new Map() };
+    const open: OpenImage = {
+      file: relative,
+      pool,
+      backing,
+      image,
+      disks: new Set([name]),
+      snapshots: new Map(),
+    };
     const head = image.head(name);
     assert(head, "a new image has its head");
     this.images.set(relative, open);
+    this.tier.trackHandles(relative, backing.devices);
     const volume = new ImageVolume(image, head);
-    const disk = this.addDisk(newRecord(name, volume.size, "vdisk", relative), volume, open);
+    const disk = this.addDisk(newRecord(name, volume.size, "vdisk", relative, pool), volume, open);
     try {
       this.save();
     } catch (err) {
@@ -938,6 +1240,7 @@ export class DiskRegistry implements ExportProvider {
       this.images.delete(relative);
       await closeImage(open).catch(() => undefined);
       fs.rmSync(file, { force: true });
+      this.removeTierFiles(pool, relative);
       throw err;
     }
     return disk;
@@ -1002,8 +1305,11 @@ export class DiskRegistry implements ExportProvider {
       open.disks.delete(name);
       if (open.disks.size === 0) {
         this.images.delete(open.file);
+        this.tier.forgetHandles(open.file);
+        this.tier.refresh();
         await closeImage(open).catch((err: unknown) => this.log(`closing ${open.file}: ${String(err)}`));
         fs.rmSync(path.join(this.home, open.file), { force: true });
+        this.removeTierFiles(open.pool, open.file);
       } else {
         const head = open.image.head(name);
         if (head) await open.image.deleteLayer(head);
@@ -1122,8 +1428,36 @@ export class DiskRegistry implements ExportProvider {
           hint: 'e.g. {"queueDepth": 32, "merge": false, "emulate": "hdd"}',
         });
       }
-      const { emulate: emulateInput, ...engineInput } = input as Record<string, unknown>;
+      const {
+        emulate: emulateInput,
+        priority: priorityInput,
+        pins: pinsInput,
+        ...engineInput
+      } = input as Record<string, unknown>;
       const settings = checkEngineSettings(engineInput, disk.engine.settings);
+      const priority = priorityInput === undefined ? disk.record.priority : validatePriority(priorityInput);
+      let pins = disk.record.pins;
+      if (pinsInput !== undefined) {
+        try {
+          pins = checkPins(pinsInput);
+        } catch (err) {
+          throw new VdiskError("INVALID_ARGUMENT", `pins: ${(err as Error).message}`, {
+            hint: 'e.g. {"pins": [{"class": "ssd", "start": 0, "end": null}]}',
+          });
+        }
+        const classes = new Set(this.poolRecord(disk.record.pool).devices.map((device) => device.class));
+        for (const pin of pins) {
+          if (!classes.has(pin.class)) {
+            throw new VdiskError(
+              "INVALID_ARGUMENT",
+              `pool ${disk.record.pool} has no device of class ${pin.class}`,
+              {
+                hint: "vdisk pool list shows each pool's devices and classes",
+              },
+            );
+          }
+        }
+      }
       const emulate = emulateInput === undefined ? disk.record.emulate : checkEmulate(emulateInput);
       const emulateChanged = (emulate ?? "none") !== (disk.record.emulate ?? "none");
       if (emulateChanged) {
@@ -1136,6 +1470,12 @@ export class DiskRegistry implements ExportProvider {
       }
       const previous = disk.record.engine;
       const previousEmulate = disk.record.emulate;
+      const previousPriority = disk.record.priority;
+      const previousPins = disk.record.pins;
+      if (priority === undefined || priority === "normal") delete disk.record.priority;
+      else disk.record.priority = priority;
+      if (pins === undefined || pins.length === 0) delete disk.record.pins;
+      else disk.record.pins = pins;
       if (emulate === undefined || emulate === "none") delete disk.record.emulate;
       else disk.record.emulate = emulate;
       const differing: Partial<EngineSettings> = {};
@@ -1151,6 +1491,10 @@ export class DiskRegistry implements ExportProvider {
         else delete disk.record.engine;
         if (previousEmulate) disk.record.emulate = previousEmulate;
         else delete disk.record.emulate;
+        if (previousPriority) disk.record.priority = previousPriority;
+        else delete disk.record.priority;
+        if (previousPins) disk.record.pins = previousPins;
+        else delete disk.record.pins;
         throw err;
       }
       if (emulateChanged) {
@@ -1161,6 +1505,7 @@ export class DiskRegistry implements ExportProvider {
       } else {
         disk.engine.configure(settings);
       }
+      this.tier.refresh();
       return infoOf(disk, true);
     });
   }
@@ -1227,7 +1572,7 @@ export class DiskRegistry implements ExportProvider {
       const head = await image.clone(found.layer, target);
       const volume = new ImageVolume(image, head);
       const disk = this.addDisk(
-        newRecord(target, volume.size, "vdisk", found.image.file),
+        newRecord(target, volume.size, "vdisk", found.image.file, found.image.pool),
         volume,
         found.image,
       );
@@ -1278,12 +1623,15 @@ export class DiskRegistry implements ExportProvider {
       version: 1,
       disks: [...this.disks.values()].filter((disk) => !disk.deleting).map((disk) => disk.record),
     };
+    if (this.poolsListed) catalog.pools = [...this.poolRecords.values()];
     saveCatalog(this.home, catalog);
+    this.tier.refresh();
   }
 
   /** Flush and close every device (daemon shutdown). Errors are reported, not thrown, so all get closed. */
   async closeAll(log?: (message: string) => void): Promise<void> {
     await this.mutations;
+    await this.tier.close();
     const report = log ?? this.log;
     for (const disk of this.disks.values()) {
       try {
@@ -1320,12 +1668,12 @@ async function closeImage(open: OpenImage): Promise<void> {
   }
 }
 
-function newRecord(name: string, size: number, format: DiskFormat, file: string): DiskRecord {
+function newRecord(name: string, size: number, format: DiskFormat, file: string, pool: string): DiskRecord {
   return {
     name,
     size,
     format,
-    pool: defaultPoolName,
+    pool,
     file,
     created: new Date().toISOString(),
     readOnly: false,
@@ -1435,6 +1783,8 @@ async function infoOf(disk: OpenDisk, detailed: boolean): Promise<DiskInfo> {
   };
   if (detailed) info.engine = disk.engine.stats();
   if (detailed && disk.record.emulate) info.emulate = disk.record.emulate;
+  if (disk.record.priority) info.priority = disk.record.priority;
+  if (disk.record.pins) info.pins = disk.record.pins;
   if (detailed && disk.image && disk.device instanceof ImageVolume) {
     const image = disk.image.image;
     const head = disk.device.layer;

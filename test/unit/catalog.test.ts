@@ -20,6 +20,8 @@ import {
   validateDiskName,
 } from "../../src/daemon/catalog";
 import { acquireLock, homePaths, prepareHome, releaseLock } from "../../src/daemon/home";
+import { type PoolRecord, defaultPool, parsePins } from "../../src/tier/pools";
+import { parseSize } from "../../src/util/size";
 import { type DeviceOpener, DiskRegistry } from "../../src/daemon/registry";
 
 const tempHomes: string[] = [];
@@ -97,6 +99,40 @@ test("saving replaces the catalog by rename and leaves no temporary file", () =>
   );
 });
 
+function pool(name: string): PoolRecord {
+  return defaultPool(name);
+}
+
+test("pools and tiering settings round-trip through the catalog", () => {
+  const home = tempHome();
+  const tiered = pool("tiered");
+  tiered.policy = "heat";
+  tiered.devices.push({ id: 3, class: "ssd", path: "/mnt/nvme", capacity: 20 * GiB, emulate: "ssd" });
+  const disk: DiskRecord = {
+    ...record("db"),
+    pool: "tiered",
+    priority: "realtime",
+    pins: [{ class: "ssd", start: 0, end: 4 * GiB }],
+  };
+  const catalog: Catalog = { version: 1, disks: [disk], pools: [pool("default"), tiered] };
+  saveCatalog(home, catalog);
+  assert.deepEqual(loadCatalog(home), catalog);
+  // A catalog written before pools existed loads without them.
+  saveCatalog(home, { version: 1, disks: [record("a")] });
+  assert.equal(loadCatalog(home).pools, undefined);
+});
+
+test("--pin arguments: a class, ranges, none; bad ones say the form", () => {
+  assert.deepEqual(parsePins(["ssd"], parseSize), [{ class: "ssd", start: 0, end: null }]);
+  assert.deepEqual(parsePins(["ssd:0-4G", "hdd:4G-8G"], parseSize), [
+    { class: "ssd", start: 0, end: 4 * GiB },
+    { class: "hdd", start: 4 * GiB, end: 8 * GiB },
+  ]);
+  assert.deepEqual(parsePins(["none"], parseSize), []);
+  assert.throws(() => parsePins(["ssd:4G-1G"], parseSize), isError("INVALID_ARGUMENT", /no valid range/));
+  assert.throws(() => parsePins(["SSD"], parseSize), isError("INVALID_ARGUMENT", /not a valid device class/));
+});
+
 test("a damaged catalog is refused with CORRUPT and a hint", () => {
   const home = tempHome();
   const file = path.join(home, "catalog.json");
@@ -119,6 +155,41 @@ test("a damaged catalog is refused with CORRUPT and a hint", () => {
       /belongs to another disk/,
     ],
     [JSON.stringify({ version: 1, disks: [{ ...record("a"), readOnly: "no" }] }), /readOnly/],
+    [JSON.stringify({ version: 1, disks: [{ ...record("a"), priority: "urgent" }] }), /unknown priority/],
+    [
+      JSON.stringify({ version: 1, disks: [{ ...record("a"), pins: [{ class: "ssd", start: -1 }] }] }),
+      /pin start/,
+    ],
+    [JSON.stringify({ version: 1, disks: [], pools: {} }), /"pools" is not a list/],
+    [
+      JSON.stringify({ version: 1, disks: [], pools: [{ ...pool("p"), policy: "fast" }] }),
+      /unknown placement/,
+    ],
+    [JSON.stringify({ version: 1, disks: [], pools: [pool("p"), pool("p")] }), /listed twice/],
+    [
+      JSON.stringify({
+        version: 1,
+        disks: [],
+        pools: [{ ...pool("p"), devices: [{ id: 1, class: "ssd", path: "/x" }] }],
+      }),
+      /device 0/,
+    ],
+    [
+      JSON.stringify({
+        version: 1,
+        disks: [],
+        pools: [{ ...pool("p"), devices: [...pool("p").devices, { id: 0, class: "ssd", path: "/x" }] }],
+      }),
+      /repeated device id 0/,
+    ],
+    [
+      JSON.stringify({
+        version: 1,
+        disks: [],
+        pools: [{ ...pool("p"), devices: [{ id: 0, class: "hdd", path: "pools/p", emulate: "tape" }] }],
+      }),
+      /pool #1/,
+    ],
   ];
   for (const [text, pattern] of cases) {
     fs.writeFileSync(file, text);

@@ -1,0 +1,651 @@
+/**
+ * TierManager: where each pool's data goes and what moves, decided by the pool's policy (pools.ts).
+ *
+ * Two halves:
+ * - Placement of writes (`PoolPlacement`, the image's ImagePlacement): asked on every write that
+ *   allocates, so it only reads precomputed tables (devices by class, capacities, each disk's pins,
+ *   priority and last write). Pins first: a write into a pinned range goes to a device of the pinned
+ *   class, and data of the range elsewhere is rewritten there (strict). Then the policy:
+ *     static   new data next to its left neighbour, else on device 0; nothing moves
+ *     heat     the same for writes (a realtime disk's new data goes to the fast class while it has room);
+ *              the background pass moves the hottest extents to the fast class
+ *     profile  a small (≤ profileSmallBytesMax) random write goes to the fast class, a large or sequential
+ *              one to the slow class, and data of the range elsewhere follows it (strict)
+ *   Capacity: a device with a capacity takes an allocation only while the blocks the pool's images use on
+ *   it stay within it (Image.usedBlocks, summed); otherwise the image falls back to device 0.
+ * - Migration passes (`run`, and every `passIntervalMs` for pools that need them): for heat, every disk's
+ *   hottest extents (the monitor's heat, src/monitor/heat.ts) ranked by priority (realtime first), then
+ *   heat, are taken until the fast class's capacity (× fastFillFraction) is spent; data on the fast class
+ *   outside that set is demoted first (making room), then the set is promoted. For profile, only disks
+ *   whose profile is random-small are promoted, and the fast-class data of the others is demoted. Pins are
+ *   enforced by every pass, and a pinned range is never moved by a policy. Each move is one heat extent
+ *   through Image.migrate (copy to new blocks, switch the index entry, free the old blocks once the next
+ *   commit is durable: crash-safe), one at a time, paced to the pool's migrateBytesPerSecond.
+ * Priority also orders dispatch: every file on an emulated device goes through that device's queue
+ * (src/devices/physical-device.ts) with the highest priority among its image's disks.
+ *
+ * Invariants: at most one pass per pool at a time; a move never spans a heat extent; pinned ranges are
+ * only moved towards their pin.
+ */
+import { VdiskError } from "../errors";
+import type { BlockDevice } from "../devices/block-device";
+import { parseLatencyModel } from "../devices/latency-device";
+import {
+  type DeviceHandle,
+  PhysicalDevice,
+  type PhysicalDeviceStats,
+  type Priority,
+} from "../devices/physical-device";
+import { BLOCK_BYTES, deviceOfBlock } from "../image/format";
+import type { Image, ImagePlacement, Layer } from "../image/image";
+import { placementStrict } from "../image/image";
+import type { TieredBacking } from "../image/tiered-backing";
+import type { DiskRecord } from "../daemon/catalog";
+import type { DiskHeatView } from "../monitor/heat";
+import type { ProfileStats } from "../monitor/types";
+import { profileSmallBytesMax } from "../limits";
+import type { DiskPin, DiskPriority, PoolDevice, PoolRecord } from "./pools";
+
+/** Time between background passes of a pool whose policy or pins move data. */
+export const passIntervalMs = 10_000;
+/** Share of the fast class's capacity the heat policy fills (the rest takes new writes). */
+export const fastFillFraction = 0.9;
+/** Hottest extents considered per disk per pass. */
+export const heatCandidatesMax = 65_536;
+/** Modelled size of an emulated device without a capacity (hdd seek distances are fractions of it). */
+export const emulatedModelBytesDefault = 1024 ** 4;
+
+export interface TierImage {
+  pool: string;
+  file: string;
+  image: Image;
+  backing: TieredBacking;
+  disks: Array<{ record: DiskRecord }>;
+}
+
+/** What the monitor offers placement (daemon.ts wires StatsRecorder in). */
+export interface HeatSource {
+  heat(disk: string): DiskHeatView | null;
+  profile(disk: string): ProfileStats | null;
+}
+
+export interface TierManagerOptions {
+  pools(): PoolRecord[];
+  images(): TierImage[];
+  log: (message: string) => void;
+}
+
+export interface PassResult {
+  pool: string;
+  policy: string;
+  promotions: number;
+  demotions: number;
+  pinMoves: number;
+  bytesMoved: number;
+  skippedBytes: number;
+  ms: number;
+}
+
+export interface DeviceStatus {
+  id: number;
+  class: string;
+  path: string;
+  capacity: number | null;
+  usedBytes: number;
+  emulate: string | null;
+  queue: PhysicalDeviceStats | null;
+}
+
+export interface DiskTierStatus {
+  name: string;
+  pool: string;
+  priority: DiskPriority;
+  pins: DiskPin[];
+  /** Data bytes of the disk's view on each device of its pool. */
+  devices: Array<{ id: number; class: string; bytes: number }>;
+  /** The same, summed by class. */
+  classes: Record<string, number>;
+}
+
+export interface PoolTierStatus {
+  name: string;
+  policy: string;
+  fastClass: string;
+  migrateBytesPerSecond: number;
+  devices: DeviceStatus[];
+  moving: { running: boolean; queued: number; current: string | null };
+  migratedBytes: number;
+  lastPass: (PassResult & { at: string }) | null;
+}
+
+export interface TierStatus {
+  pools: PoolTierStatus[];
+  disks: DiskTierStatus[];
+}
+
+interface DiskState {
+  pool: string;
+  pins: DiskPin[];
+  priority: DiskPriority;
+  /** Block after the disk's last write (profile policy: sequential detection). */
+  lastEnd: number;
+}
+
+interface PoolState {
+  record: PoolRecord;
+  placement: PoolPlacement;
+  /** Device ids by class. */
+  byClass: Map<string, number[]>;
+  /** Capacity in blocks by device id (Infinity: none). */
+  capacityBlocks: number[];
+  images: Image[];
+  running: Promise<PassResult> | null;
+  queued: number;
+  current: string | null;
+  migratedBytes: number;
+  lastPass: (PassResult & { at: string }) | null;
+  timer: NodeJS.Timeout | null;
+}
+
+const priorityRank: Record<DiskPriority, number> = { realtime: 0, normal: 1, background: 2 };
+
+/** The ImagePlacement every image of one pool shares. */
+export class PoolPlacement implements ImagePlacement {
+  constructor(
+    private readonly manager: TierManager,
+    readonly pool: string,
+  ) {}
+
+  writeDevice(disk: string, block: number, blocks: number): number {
+    return this.manager.writeDevice(this.pool, disk, block, blocks);
+  }
+
+  hasRoom(device: number, blocks: number): boolean {
+    return this.manager.hasRoom(this.pool, device, blocks);
+  }
+}
+
+export class TierManager {
+  private readonly states = new Map<string, PoolState>();
+  private readonly disks = new Map<string, DiskState>();
+  /** Emulated devices, by "pool/id": one modelled head or channel set shared by all files on it. */
+  private readonly physical = new Map<string, PhysicalDevice>();
+  /** Device handles of each image file, whose priority follows the image's disks. */
+  private readonly handles = new Map<string, DeviceHandle[]>();
+  private heatSource: HeatSource | null = null;
+  private closed = false;
+
+  constructor(private readonly options: TierManagerOptions) {}
+
+  /** The monitor, once the daemon has one (placement by heat and profile needs it). */
+  setHeatSource(source: HeatSource | null): void {
+    this.heatSource = source;
+  }
+
+  /** The ImagePlacement for images of `pool`. */
+  placement(pool: string): PoolPlacement {
+    return this.state(pool).placement;
+  }
+
+  /**
+   * `file` (an image's file on device `device` of `pool`) as the image should use it: behind the device's
+   * shared emulation and priority queue when it is emulated, else as it is.
+   */
+  deviceHandle(pool: string, device: PoolDevice, file: BlockDevice): BlockDevice {
+    if (device.emulate === undefined) return file;
+    const key = `${pool}/${device.id}`;
+    let physical = this.physical.get(key);
+    if (!physical) {
+      physical = new PhysicalDevice({
+        model: parseLatencyModel(device.emulate),
+        clock: "real",
+        modelBytes: device.capacity ?? emulatedModelBytesDefault,
+      });
+      this.physical.set(key, physical);
+    }
+    return physical.attach(file);
+  }
+
+  /** Record an image's device handles (after opening it) so its priority can follow its disks. */
+  trackHandles(file: string, devices: ReadonlyArray<BlockDevice | undefined>): void {
+    const handles = devices.filter(
+      (device): device is DeviceHandle => device !== undefined && "priority" in device,
+    );
+    if (handles.length > 0) this.handles.set(file, handles);
+    else this.handles.delete(file);
+  }
+
+  forgetHandles(file: string): void {
+    this.handles.delete(file);
+  }
+
+  /**
+   * Rebuild the tables placement reads (pools, capacities, disks' pins and priorities, images per pool)
+   * and the dispatch priorities. The registry calls it after every change of pools, disks or settings.
+   */
+  refresh(): void {
+    const pools = this.options.pools();
+    const images = this.options.images();
+    for (const record of pools) {
+      const state = this.state(record.name);
+      state.record = record;
+      state.byClass = new Map();
+      state.capacityBlocks = [];
+      for (const device of record.devices) {
+        const list = state.byClass.get(device.class) ?? [];
+        list.push(device.id);
+        state.byClass.set(device.class, list);
+        state.capacityBlocks[device.id] =
+          device.capacity === undefined ? Infinity : Math.floor(device.capacity / BLOCK_BYTES);
+      }
+      state.images = images.filter((image) => image.pool === record.name).map((image) => image.image);
+      this.schedule(state);
+    }
+    const seen = new Set<string>();
+    for (const image of images) {
+      let best: DiskPriority = "background";
+      for (const { record } of image.disks) {
+        seen.add(record.name);
+        const previous = this.disks.get(record.name);
+        const priority = record.priority ?? "normal";
+        if (priorityRank[priority] < priorityRank[best]) best = priority;
+        this.disks.set(record.name, {
+          pool: record.pool,
+          pins: record.pins ?? [],
+          priority,
+          lastEnd: previous?.lastEnd ?? -1,
+        });
+      }
+      for (const handle of this.handles.get(image.file) ?? []) handle.priority = best as Priority;
+    }
+    for (const name of [...this.disks.keys()]) if (!seen.has(name)) this.disks.delete(name);
+  }
+
+  private state(pool: string): PoolState {
+    let state = this.states.get(pool);
+    if (!state) {
+      const record = this.options.pools().find((candidate) => candidate.name === pool);
+      if (!record) throw new VdiskError("NOT_FOUND", `no pool named ${pool}`);
+      state = {
+        record,
+        placement: new PoolPlacement(this, pool),
+        byClass: new Map(),
+        capacityBlocks: [],
+        images: [],
+        running: null,
+        queued: 0,
+        current: null,
+        migratedBytes: 0,
+        lastPass: null,
+        timer: null,
+      };
+      this.states.set(pool, state);
+    }
+    return state;
+  }
+
+  // ---- Placement of writes (hot path: no allocation) ------------------------------------------------
+
+  writeDevice(pool: string, disk: string, block: number, blocks: number): number {
+    const state = this.states.get(pool);
+    const diskState = this.disks.get(disk);
+    if (state === undefined || diskState === undefined || state.record.devices.length === 1) return -1;
+    const sequential = block === diskState.lastEnd;
+    diskState.lastEnd = block + blocks;
+    const pins = diskState.pins;
+    for (let i = 0; i < pins.length; i++) {
+      const pin = pins[i] as DiskPin;
+      const pinStart = pin.start / BLOCK_BYTES;
+      const pinEnd = pin.end === null ? Infinity : pin.end / BLOCK_BYTES;
+      if (block < pinEnd && block + blocks > pinStart) {
+        const device = this.deviceWithRoom(state, pin.class, blocks);
+        if (device >= 0) return device + placementStrict;
+      }
+    }
+    const fastClass = state.record.fastClass;
+    switch (state.record.policy) {
+      case "profile": {
+        const small = blocks * BLOCK_BYTES <= profileSmallBytesMax;
+        const device =
+          small && !sequential
+            ? this.deviceWithRoom(state, fastClass, blocks)
+            : this.slowDevice(state, blocks);
+        return device >= 0 ? device + placementStrict : -1;
+      }
+      case "heat":
+      case "static":
+        return diskState.priority === "realtime" ? this.deviceWithRoom(state, fastClass, blocks) : -1;
+    }
+  }
+
+  hasRoom(pool: string, device: number, blocks: number): boolean {
+    const state = this.states.get(pool);
+    if (state === undefined) return true;
+    const capacity = state.capacityBlocks[device];
+    if (capacity === undefined || capacity === Infinity) return true;
+    let used = 0;
+    for (let i = 0; i < state.images.length; i++) used += (state.images[i] as Image).usedBlocks(device);
+    return used + blocks <= capacity;
+  }
+
+  /** A device of `cls` with room for `blocks`, or -1. */
+  private deviceWithRoom(state: PoolState, cls: string, blocks: number): number {
+    const devices = state.byClass.get(cls);
+    if (devices === undefined) return -1;
+    for (let i = 0; i < devices.length; i++) {
+      const device = devices[i] as number;
+      if (this.hasRoom(state.record.name, device, blocks)) return device;
+    }
+    return -1;
+  }
+
+  /** A device outside the fast class with room (device 0 first), or -1. */
+  private slowDevice(state: PoolState, blocks: number): number {
+    for (const device of state.record.devices) {
+      if (device.class !== state.record.fastClass && this.hasRoom(state.record.name, device.id, blocks))
+        return device.id;
+    }
+    return -1;
+  }
+
+  // ---- Migration passes ----------------------------------------------------------------------------
+
+  private schedule(state: PoolState): void {
+    const moves =
+      state.record.devices.length > 1 &&
+      (state.record.policy !== "static" ||
+        [...this.disks.values()].some((disk) => disk.pool === state.record.name && disk.pins.length > 0));
+    if (moves && state.timer === null && !this.closed) {
+      state.timer = setInterval(() => {
+        if (state.running === null) this.run(state.record.name).catch(() => undefined);
+      }, passIntervalMs);
+      state.timer.unref();
+    } else if (!moves && state.timer !== null) {
+      clearInterval(state.timer);
+      state.timer = null;
+    }
+  }
+
+  /** One placement pass of `pool` now (or the running one), resolved once its moves are done. */
+  run(pool: string): Promise<PassResult> {
+    const state = this.state(pool);
+    if (state.running) return state.running;
+    const running = this.pass(state).finally(() => {
+      state.running = null;
+      state.current = null;
+      state.queued = 0;
+    });
+    state.running = running;
+    return running;
+  }
+
+  private async pass(state: PoolState): Promise<PassResult> {
+    const started = Date.now();
+    const record = state.record;
+    const result: PassResult = {
+      pool: record.name,
+      policy: record.policy,
+      promotions: 0,
+      demotions: 0,
+      pinMoves: 0,
+      bytesMoved: 0,
+      skippedBytes: 0,
+      ms: 0,
+    };
+    if (record.devices.length === 1) return this.finishPass(state, result, started);
+    const images = this.options.images().filter((image) => image.pool === record.name);
+    const fast = new Set(state.byClass.get(record.fastClass) ?? []);
+    const heads: Array<{ image: Image; layer: Layer; disk: DiskState; name: string }> = [];
+    for (const entry of images) {
+      for (const { record: diskRecord } of entry.disks) {
+        const layer = entry.image.head(diskRecord.name);
+        const disk = this.disks.get(diskRecord.name);
+        if (layer && disk) heads.push({ image: entry.image, layer, disk, name: diskRecord.name });
+      }
+    }
+    type Move = {
+      image: Image;
+      layer: Layer;
+      start: number;
+      end: number;
+      /** The target device, or -1: a device of `targetClass` with room when the move runs. */
+      device: number;
+      targetClass: string | null;
+      kind: "promotions" | "demotions" | "pinMoves";
+    };
+    const moves: Move[] = [];
+    const pinnedClass = (disk: DiskState, block: number, end: number): string | null => {
+      for (const pin of disk.pins) {
+        const pinStart = pin.start / BLOCK_BYTES;
+        const pinEnd = pin.end === null ? Infinity : pin.end / BLOCK_BYTES;
+        if (block < pinEnd && end > pinStart) return pin.class;
+      }
+      return null;
+    };
+    // Where each head's data is, by heat extent: extent → devices holding some of it.
+    const extentBlocks = new Map<string, number>();
+    const onDevices = new Map<string, Map<number, Set<number>>>();
+    for (const head of heads) {
+      const blocksPer = Math.max(1, this.extentBytes(head.name) / BLOCK_BYTES);
+      extentBlocks.set(head.name, blocksPer);
+      const map = new Map<number, Set<number>>();
+      await head.image.scanData(head.layer, (run) => {
+        const device = deviceOfBlock(run.address);
+        for (let e = Math.floor(run.block / blocksPer); e * blocksPer < run.block + run.count; e++) {
+          let set = map.get(e);
+          if (!set) map.set(e, (set = new Set()));
+          set.add(device);
+        }
+      });
+      onDevices.set(head.name, map);
+    }
+    // 1. Pins: every extent of a pinned range onto a device of its class. Pinned data on the fast class
+    //    comes out of the heat budget.
+    let pinnedFastBlocks = 0;
+    for (const head of heads) {
+      if (head.disk.pins.length === 0) continue;
+      const blocksPer = extentBlocks.get(head.name) as number;
+      for (const [extent, devices] of onDevices.get(head.name) as Map<number, Set<number>>) {
+        const start = extent * blocksPer;
+        const end = Math.min(head.layer.blocks, start + blocksPer);
+        const cls = pinnedClass(head.disk, start, end);
+        if (cls === null) continue;
+        if (cls === record.fastClass) pinnedFastBlocks += end - start;
+        const targets = state.byClass.get(cls) ?? [];
+        if ([...devices].every((device) => targets.includes(device))) continue;
+        moves.push({ ...head, start, end, device: -1, targetClass: cls, kind: "pinMoves" });
+      }
+    }
+    // 2. The policy's hot set.
+    if (record.policy !== "static" && fast.size > 0 && this.heatSource !== null) {
+      let budget = 0;
+      for (const id of fast) budget += state.capacityBlocks[id] ?? Infinity;
+      budget = budget === Infinity ? Infinity : Math.floor(budget * fastFillFraction) - pinnedFastBlocks;
+      const candidates: Array<{ head: (typeof heads)[number]; extent: number; heat: number }> = [];
+      const demoteAll = new Set<string>();
+      for (const head of heads) {
+        if (record.policy === "profile") {
+          const profile = this.heatSource.profile(head.name);
+          if (profile === null || profile.kind !== "random-small") {
+            demoteAll.add(head.name);
+            continue;
+          }
+        }
+        const view = this.heatSource.heat(head.name);
+        if (view === null) continue;
+        const blocksPer = view.extentBytes / BLOCK_BYTES;
+        const located = onDevices.get(head.name) as Map<number, Set<number>>;
+        for (const hot of view.hottest(heatCandidatesMax)) {
+          const extent = Math.floor(hot.offset / view.extentBytes);
+          if (!located.has(extent)) continue; // nothing written there: nothing to place
+          if (pinnedClass(head.disk, extent * blocksPer, (extent + 1) * blocksPer) !== null) continue;
+          candidates.push({ head, extent, heat: hot.heat });
+        }
+      }
+      candidates.sort(
+        (a, b) => priorityRank[a.head.disk.priority] - priorityRank[b.head.disk.priority] || b.heat - a.heat,
+      );
+      const chosen = new Set<string>();
+      let spent = 0;
+      for (const candidate of candidates) {
+        const blocksPer = extentBlocks.get(candidate.head.name) as number;
+        if (spent + blocksPer > budget) break;
+        spent += blocksPer;
+        chosen.add(`${candidate.head.name}:${candidate.extent}`);
+      }
+      // Demote fast-class data outside the chosen set first: it makes the room the promotions need.
+      for (const head of heads) {
+        const blocksPer = extentBlocks.get(head.name) as number;
+        for (const [extent, devices] of onDevices.get(head.name) as Map<number, Set<number>>) {
+          if (![...devices].some((device) => fast.has(device))) continue;
+          const start = extent * blocksPer;
+          const end = Math.min(head.layer.blocks, start + blocksPer);
+          if (pinnedClass(head.disk, start, end) !== null) continue;
+          if (!demoteAll.has(head.name) && chosen.has(`${head.name}:${extent}`)) continue;
+          const target = this.slowDevice(state, end - start);
+          if (target >= 0)
+            moves.push({ ...head, start, end, device: target, targetClass: null, kind: "demotions" });
+        }
+      }
+      for (const candidate of candidates) {
+        const { head, extent } = candidate;
+        if (!chosen.has(`${head.name}:${extent}`)) continue;
+        const devices = (onDevices.get(head.name) as Map<number, Set<number>>).get(extent) as Set<number>;
+        if ([...devices].every((device) => fast.has(device))) continue;
+        const blocksPer = extentBlocks.get(head.name) as number;
+        const start = extent * blocksPer;
+        const end = Math.min(head.layer.blocks, start + blocksPer);
+        moves.push({ ...head, start, end, device: -1, targetClass: record.fastClass, kind: "promotions" });
+      }
+    }
+    // 3. Run them one at a time, paced: demotions first (they make room), then pins, then promotions.
+    const order = { demotions: 0, pinMoves: 1, promotions: 2 };
+    moves.sort((a, b) => order[a.kind] - order[b.kind]);
+    state.queued = moves.length;
+    const demoted = new Set<Image>();
+    for (const move of moves) {
+      if (this.closed) break;
+      if (move.kind !== "demotions" && demoted.size > 0) {
+        // Blocks freed by the demotions become free once a commit that no longer reaches them is durable.
+        for (const image of demoted) {
+          await image.commit();
+          await image.commit();
+          await image.settle();
+        }
+        demoted.clear();
+      }
+      const device =
+        move.device >= 0
+          ? move.device
+          : this.deviceWithRoom(state, move.targetClass as string, move.end - move.start);
+      state.queued--;
+      if (device < 0) {
+        result.skippedBytes += (move.end - move.start) * BLOCK_BYTES;
+        continue;
+      }
+      state.current = `${move.layer.name} ${move.start * BLOCK_BYTES}+${(move.end - move.start) * BLOCK_BYTES} → device ${device}`;
+      let moved;
+      try {
+        moved = await move.image.migrate(move.layer, move.start, move.end, device);
+      } catch (err) {
+        this.options.log(`tier: moving ${state.current} failed: ${String(err)}`);
+        continue;
+      }
+      const bytes = moved.movedBlocks * BLOCK_BYTES;
+      result.bytesMoved += bytes;
+      result.skippedBytes += moved.skippedBlocks * BLOCK_BYTES;
+      state.migratedBytes += bytes;
+      if (bytes > 0) result[move.kind]++;
+      if (bytes > 0 && move.kind === "demotions") demoted.add(move.image);
+      if (bytes > 0) await sleep((bytes / record.migrateBytesPerSecond) * 1000);
+    }
+    return this.finishPass(state, result, started);
+  }
+
+  private finishPass(state: PoolState, result: PassResult, started: number): PassResult {
+    result.ms = Date.now() - started;
+    state.lastPass = { ...result, at: new Date().toISOString() };
+    return result;
+  }
+
+  private extentBytes(disk: string): number {
+    return this.heatSource?.heat(disk)?.extentBytes ?? 1024 * 1024;
+  }
+
+  // ---- Status --------------------------------------------------------------------------------------
+
+  async status(disk?: string): Promise<TierStatus> {
+    const images = this.options.images();
+    const pools: PoolTierStatus[] = [];
+    for (const record of this.options.pools()) {
+      const state = this.state(record.name);
+      pools.push({
+        name: record.name,
+        policy: record.policy,
+        fastClass: record.fastClass,
+        migrateBytesPerSecond: record.migrateBytesPerSecond,
+        devices: record.devices.map((device) => ({
+          id: device.id,
+          class: device.class,
+          path: device.path,
+          capacity: device.capacity ?? null,
+          usedBytes:
+            images
+              .filter((image) => image.pool === record.name)
+              .reduce((sum, image) => sum + image.image.usedBlocks(device.id), 0) * BLOCK_BYTES,
+          emulate: device.emulate ?? null,
+          queue: this.physical.get(`${record.name}/${device.id}`)?.stats() ?? null,
+        })),
+        moving: { running: state.running !== null, queued: state.queued, current: state.current },
+        migratedBytes: state.migratedBytes,
+        lastPass: state.lastPass,
+      });
+    }
+    const disks: DiskTierStatus[] = [];
+    for (const entry of images) {
+      const record = this.options.pools().find((pool) => pool.name === entry.pool);
+      for (const { record: diskRecord } of entry.disks) {
+        if (disk !== undefined && diskRecord.name !== disk) continue;
+        const layer = entry.image.head(diskRecord.name);
+        if (!layer) continue;
+        const bytes = await entry.image.layerDeviceBytes(layer);
+        const devices = (record?.devices ?? []).map((device) => ({
+          id: device.id,
+          class: device.class,
+          bytes: bytes[device.id] ?? 0,
+        }));
+        const classes: Record<string, number> = {};
+        for (const device of devices) classes[device.class] = (classes[device.class] ?? 0) + device.bytes;
+        disks.push({
+          name: diskRecord.name,
+          pool: entry.pool,
+          priority: diskRecord.priority ?? "normal",
+          pins: diskRecord.pins ?? [],
+          devices,
+          classes,
+        });
+      }
+    }
+    if (disk !== undefined && disks.length === 0) {
+      throw new VdiskError("NOT_FOUND", `no vdisk-format disk named ${disk}`, {
+        hint: "vdisk list shows the disks; tiering applies to vdisk-format disks",
+      });
+    }
+    disks.sort((a, b) => a.name.localeCompare(b.name));
+    return { pools, disks };
+  }
+
+  /** Stop the background passes (the daemon is stopping); a running pass stops after its current move. */
+  async close(): Promise<void> {
+    this.closed = true;
+    for (const state of this.states.values()) {
+      if (state.timer !== null) clearInterval(state.timer);
+      state.timer = null;
+      await state.running?.catch(() => undefined);
+    }
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

@@ -1,0 +1,265 @@
+/**
+ * Pools of devices and placement policies against a real daemon (src/testing/daemon-fixture.ts), with
+ * seeded synthetic workloads sent over NBD and outcomes asserted on the device files themselves:
+ *
+ * - heat: a hot set of extents, read far more than the rest, ends up in the ssd device's file after a pass
+ *   (`vdisk tier run`), and a new hot set moves there by itself within a bounded time (the background
+ *   pass); every byte reads back as written (qemu-io);
+ * - pins: a disk pinned to hdd never has a byte on the ssd however hot it is; one pinned to ssd is moved
+ *   there whole;
+ * - profile: small random writes land on the ssd, large sequential ones on the hdd;
+ * - priority: on an emulated hdd shared by two disks, a realtime disk's reads submitted behind a backlog
+ *   of a background disk's reads complete before most of that backlog; with both at normal priority they
+ *   wait their turn (the control that shows the test can fail);
+ * - pools survive a restart; bad pool commands fail with a clear error and change nothing.
+ */
+import { after, before, test } from "node:test";
+import * as assert from "node:assert/strict";
+import * as fs from "node:fs";
+import {
+  type DaemonFixture,
+  describeRun,
+  requireTool,
+  run,
+  startDaemon,
+} from "../../src/testing/daemon-fixture";
+import { NbdClient, parseNbdUri } from "../../src/protocol/nbd/client";
+import { Prng } from "../../src/testing/prng";
+import type { PoolInfo } from "../../src/daemon/registry";
+import type { PassResult, TierStatus } from "../../src/tier/tier-manager";
+import { passIntervalMs } from "../../src/tier/tier-manager";
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+let daemon: DaemonFixture;
+
+before(async () => {
+  requireTool("qemu-io");
+  daemon = await startDaemon({ name: "vdisk-tiering" });
+});
+
+after(() => daemon?.cleanup());
+
+function ok(args: string[]): string {
+  const result = daemon.vdisk(args);
+  assert.equal(result.status, 0, describeRun("vdisk", args, result));
+  return result.stdout;
+}
+
+async function client(exportName: string): Promise<NbdClient> {
+  return NbdClient.connect(parseNbdUri(daemon.unixUri(exportName)));
+}
+
+/** Extent e (1 MiB) of a disk written with byte e + 1, so its blocks can be found in the device files. */
+async function fillExtents(disk: string, extents: number): Promise<void> {
+  const nbd = await client(disk);
+  try {
+    for (let e = 0; e < extents; e++) await nbd.writeAsync(e * MiB, Buffer.alloc(MiB, e + 1));
+    await nbd.flushAsync();
+  } finally {
+    await nbd.close();
+  }
+}
+
+/** Random 4 KiB reads: `hot` of them inside the hot extents, `cold` anywhere in the first `extents`. */
+async function readWorkload(
+  disk: string,
+  prng: Prng,
+  hotSet: number[],
+  hot: number,
+  cold: number,
+  extents: number,
+): Promise<void> {
+  const nbd = await client(disk);
+  try {
+    const offsets: number[] = [];
+    for (let i = 0; i < hot; i++) offsets.push(prng.pick(hotSet) * MiB + prng.int(256) * 4 * KiB);
+    for (let i = 0; i < cold; i++) offsets.push(prng.int(extents * 256) * 4 * KiB);
+    await Promise.all(offsets.map((offset) => nbd.readAsync(offset, 4 * KiB)));
+  } finally {
+    await nbd.close();
+  }
+}
+
+/** Which extents' patterns (byte e + 1 in a whole 4 KiB block) a device file holds. */
+function extentsIn(file: string, extents: number): Set<number> {
+  const found = new Set<number>();
+  const data = fs.readFileSync(file);
+  for (let at = 0; at + 4096 <= data.length; at += 4096) {
+    const value = data[at] as number;
+    if (value === 0 || value > extents) continue;
+    let uniform = true;
+    for (let i = at + 1; i < at + 4096 && uniform; i++) uniform = data[i] === value;
+    if (uniform) found.add(value - 1);
+  }
+  return found;
+}
+
+function verifyExtents(disk: string, extents: number): void {
+  const commands = Array.from({ length: extents }, (_, e) => ["-c", `read -P ${e + 1} ${e * MiB} 1M`]).flat();
+  const result = run("qemu-io", ["-f", "raw", ...commands, daemon.unixUri(disk)]);
+  assert.equal(result.status, 0, describeRun("qemu-io", [disk], result));
+  assert.doesNotMatch(result.stdout, /Pattern verification failed/, "every extent reads back as written");
+}
+
+test("heat: the hot set moves to the ssd, by a pass and then by itself; nothing is lost", async () => {
+  const ssdDir = daemon.file("ssd");
+  ok(["pool", "create", "hy", "--class", "hdd"]);
+  ok(["pool", "add-device", "hy", ssdDir, "--class", "ssd", "--capacity", "8M"]);
+  ok(["pool", "set", "hy", "--policy", "heat"]);
+  ok(["create", "web", "--size", "64M", "--pool", "hy"]);
+  const extents = 48;
+  await fillExtents("web", extents);
+  const ssdFile = `${ssdDir}/web.vdisk`;
+  assert.equal(extentsIn(ssdFile, extents).size, 0, "new data of a normal disk starts on device 0");
+
+  const prng = new Prng(5);
+  const hotSet = [5, 17, 33, 40];
+  await readWorkload("web", prng, hotSet, 400, 60, extents);
+  const pass = daemon.vdiskJson<PassResult>(["tier", "run", "hy"]);
+  assert.ok(pass.promotions >= hotSet.length, `promoted ${pass.promotions}`);
+  const onSsd = extentsIn(ssdFile, extents);
+  for (const extent of hotSet) assert.ok(onSsd.has(extent), `hot extent ${extent} is on the ssd`);
+  const status = daemon.vdiskJson<TierStatus>(["tier", "status", "web"]);
+  const web = status.disks.find((disk) => disk.name === "web");
+  assert.ok(web);
+  assert.ok((web.classes.ssd ?? 0) <= 8 * MiB, "within the ssd's capacity");
+  assert.equal((web.classes.ssd ?? 0) + (web.classes.hdd ?? 0), extents * MiB, "every byte is somewhere");
+  const pools = daemon.vdiskJson<{ pools: PoolInfo[] }>(["pool", "list"]).pools;
+  const hy = pools.find((pool) => pool.name === "hy");
+  assert.ok(hy && hy.devices.length === 2 && (hy.devices[1]?.usedBytes ?? 0) > 0);
+
+  // A new hot set, and no manual pass: the background pass moves it within two intervals.
+  const newHot = [10, 20];
+  await readWorkload("web", prng, newHot, 800, 0, extents);
+  const deadline = Date.now() + 2 * passIntervalMs + 5000;
+  let moved = false;
+  while (!moved && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    const now = extentsIn(ssdFile, extents);
+    moved = newHot.every((extent) => now.has(extent));
+  }
+  assert.ok(moved, `the new hot set reached the ssd within ${2 * passIntervalMs + 5000} ms`);
+  verifyExtents("web", extents);
+  const check = ok(["check", "web"]);
+  assert.match(check, /clean/);
+});
+
+test("pins: a disk pinned to hdd never moves; one pinned to ssd moves there whole", async () => {
+  ok(["create", "db", "--size", "16M", "--pool", "hy"]);
+  ok(["create", "logs", "--size", "16M", "--pool", "hy"]);
+  ok(["set", "db", "--pin", "hdd"]);
+  await fillExtents("db", 8);
+  await fillExtents("logs", 2);
+  await readWorkload("db", new Prng(9), [1, 2], 2000, 0, 8);
+  ok(["set", "logs", "--pin", "ssd"]);
+  for (let i = 0; i < 2; i++) daemon.vdiskJson<PassResult>(["tier", "run", "hy"]);
+  const status = daemon.vdiskJson<TierStatus>(["tier", "status"]);
+  const db = status.disks.find((disk) => disk.name === "db");
+  const logs = status.disks.find((disk) => disk.name === "logs");
+  assert.equal(db?.classes.ssd, 0, "the hdd-pinned disk has nothing on the ssd");
+  assert.equal(db?.classes.hdd, 8 * MiB);
+  assert.equal(logs?.classes.ssd, 2 * MiB, "the ssd-pinned disk is wholly on the ssd");
+  assert.deepEqual(db?.pins, [{ class: "hdd", start: 0, end: null }]);
+  verifyExtents("db", 8);
+  verifyExtents("logs", 2);
+  // A pin to a class the pool lacks is refused, and changes nothing.
+  const bad = daemon.vdisk(["set", "db", "--pin", "nvme"]);
+  assert.notEqual(bad.status, 0);
+  assert.match(bad.stderr, /no device of class nvme/);
+  assert.deepEqual(daemon.vdiskJson<TierStatus>(["tier", "status", "db"]).disks[0]?.pins, db?.pins);
+});
+
+test("profile: small random writes land on the ssd, large sequential ones on the hdd", async () => {
+  ok(["pool", "create", "pp", "--class", "hdd"]);
+  ok(["pool", "add-device", "pp", daemon.file("ssd2"), "--class", "ssd"]);
+  ok(["pool", "set", "pp", "--policy", "profile"]);
+  ok(["create", "mix", "--size", "64M", "--pool", "pp"]);
+  const nbd = await client("mix");
+  for (let i = 0; i < 4; i++) await nbd.writeAsync(i * MiB, Buffer.alloc(MiB, 0x11));
+  const prng = new Prng(3);
+  const randomOffsets = new Set<number>();
+  while (randomOffsets.size < 32) randomOffsets.add(16 * MiB + prng.int(3072) * 16 * KiB);
+  for (const offset of randomOffsets) await nbd.writeAsync(offset, Buffer.alloc(4 * KiB, 0x22));
+  await nbd.flushAsync();
+  await nbd.close();
+  const mix = daemon.vdiskJson<TierStatus>(["tier", "status", "mix"]).disks[0];
+  assert.equal(mix?.classes.ssd, 32 * 4 * KiB, "the 32 random 4 KiB writes");
+  assert.equal(mix?.classes.hdd, 4 * MiB, "the four sequential 1 MiB writes");
+});
+
+test("priority: a realtime disk's requests pass a background backlog on a shared emulated hdd", async () => {
+  ok(["pool", "create", "slow", "--class", "hdd", "--emulate", "hdd"]);
+  for (const name of ["bg", "rt"]) {
+    ok(["create", name, "--size", "64M", "--pool", "slow"]);
+    const nbd = await client(name);
+    await nbd.writeAsync(0, Buffer.alloc(8 * MiB, 0x33));
+    await nbd.flushAsync();
+    await nbd.close();
+  }
+  ok(["set", "bg", "--priority", "background"]);
+
+  /** Order of completion of 48 background reads issued first and 4 realtime-disk reads issued after. */
+  const race = async (): Promise<number> => {
+    const bg = await client("bg");
+    const rt = await client("rt");
+    const prng = new Prng(11);
+    const order: string[] = [];
+    const reads: Array<Promise<void>> = [];
+    for (let i = 0; i < 48; i++) {
+      reads.push(bg.readAsync(prng.int(2048) * 4 * KiB, 4 * KiB).then(() => void order.push("bg")));
+    }
+    await new Promise((resolve) => setTimeout(resolve, 20)); // the backlog is queued at the device
+    for (let i = 0; i < 4; i++) {
+      reads.push(rt.readAsync(prng.int(2048) * 4 * KiB, 4 * KiB).then(() => void order.push("rt")));
+    }
+    await Promise.all(reads);
+    await bg.close();
+    await rt.close();
+    // Background reads completed before the last realtime one.
+    return order.lastIndexOf("rt") - 3;
+  };
+  ok(["set", "rt", "--priority", "realtime"]);
+  const passed = await race();
+  assert.ok(passed <= 16, `realtime reads finished after only ${passed} of 48 background reads`);
+  ok(["set", "rt", "--priority", "normal"]);
+  ok(["set", "bg", "--priority", "normal"]);
+  const waited = await race();
+  assert.ok(waited >= 32, `without priority they wait their turn (${waited} background reads first)`);
+});
+
+test("pools survive a restart; bad pool commands say what is wrong and change nothing", async () => {
+  await daemon.restart();
+  const pools = daemon.vdiskJson<{ pools: PoolInfo[] }>(["pool", "list"]).pools;
+  assert.deepEqual(
+    pools.map((pool) => [pool.name, pool.policy, pool.devices.map((device) => device.class)]),
+    [
+      ["default", "static", ["default"]],
+      ["hy", "heat", ["hdd", "ssd"]],
+      ["pp", "profile", ["hdd", "ssd"]],
+      ["slow", "static", ["hdd"]],
+    ],
+  );
+  verifyExtents("web", 48);
+  const cases: Array<[string[], RegExp]> = [
+    [["pool", "create", "hy"], /already exists/],
+    [["pool", "create", "bad/name"], /not a valid pool name/],
+    [["pool", "add-device", "nope", daemon.file("x"), "--class", "ssd"], /no pool named nope/],
+    [["pool", "add-device", "hy", daemon.file("ssd"), "--class", "ssd"], /overlaps device/],
+    [["pool", "add-device", "hy", daemon.file("y"), "--class", "SSD!"], /not a valid device class/],
+    [["pool", "set", "hy", "--policy", "fastest"], /unknown placement policy/],
+    [["create", "z", "--size", "1M", "--pool", "nope"], /no pool named nope/],
+    [["set", "web", "--priority", "urgent"], /realtime, normal, background|Allowed choices/],
+  ];
+  for (const [args, message] of cases) {
+    const result = daemon.vdisk(args);
+    assert.notEqual(result.status, 0, `${args.join(" ")} fails`);
+    assert.match(result.stderr, message, args.join(" "));
+  }
+  const again = daemon.vdiskJson<{ pools: PoolInfo[] }>(["pool", "list"]).pools;
+  assert.deepEqual(
+    again.map((pool) => pool.devices.length),
+    pools.map((pool) => pool.devices.length),
+  );
+});
