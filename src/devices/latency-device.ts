@@ -632,8 +632,12 @@ export abstract class ModelRequest implements DueEntry {
     this.timeDue = true;
     const timeline = this.timeline;
     assert(timeline !== null, "a request fell due before it entered the timeline");
+    this.due();
     if (this.innerDone) timeline.finish(this);
   }
+
+  /** The modelled completion has come (the device is done with it), whether or not the inner answered. */
+  due(): void {}
 
   /** Both answered and due: call back. Runs exactly once, from a timer, an immediate or a callback. */
   abstract completed(): void;
@@ -833,6 +837,7 @@ export class DeviceTimeline {
     this.simQueue.pop();
     if (first.dueUs > this.virtualNowUs) this.virtualNowUs = first.dueUs;
     first.timeDue = true;
+    first.due();
     try {
       this.finish(first);
     } finally {

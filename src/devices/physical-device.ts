@@ -18,7 +18,9 @@
  *   onto earlier files'), while real file systems scatter and interleave files. The file itself gets the
  *   real offset o; a request running past the end of the model is costed as if the device went on.
  * - Queue: at most `inflightMax` requests are in the model at once (default: hdd 1, ssd its channels,
- *   fixed unlimited). Others wait in three FIFOs, one per priority. When a request leaves the model, the
+ *   fixed unlimited). Others wait in three FIFOs, one per priority. A request leaves the model at its
+ *   modelled completion, even if its file is still working (a real fdatasync under an emulated disk must
+ *   not hold the modelled head); it is called back once both are done. When a request leaves the model, the
  *   next dispatched is the oldest of the highest priority present (realtime > normal > background), except
  *   that once the oldest waiting request has waited more than `priorityAgingMs` it goes first, whatever its
  *   priority (aged requests leave in age order, so none starves). The freed slot is refilled before the
@@ -183,6 +185,10 @@ class PhysicalRequest extends ModelRequest {
     super();
   }
 
+  override due(): void {
+    this.handle.dispatcher.slotFreed(this);
+  }
+
   completed(): void {
     this.handle.dispatcher.completed(this);
   }
@@ -317,8 +323,12 @@ class Dispatcher {
     this.byRank[request.rank].requests++;
   }
 
-  /** Called by a request once the timeline has completed it: refill the model, then call back. */
-  completed(request: PhysicalRequest): void {
+  /**
+   * Called by a request at its modelled completion: the modelled device is done with it, so its slot is
+   * refilled now, even if its file has not answered yet — the file's own time (page cache, a real
+   * fdatasync under an emulated device) is not the modelled device's, and must not hold the head.
+   */
+  slotFreed(request: PhysicalRequest): void {
     assert(this.inflight > 0, "in-flight count");
     this.inflight--;
     // Bounded by inflightMax: one slot was freed, so this runs at most once.
@@ -326,6 +336,10 @@ class Dispatcher {
       const next = this.takeNext(request.dueUs);
       this.dispatch(next, Math.max(next.submittedUs, request.dueUs));
     }
+  }
+
+  /** Called by a request once it is both due and answered by its file: call back. */
+  completed(request: PhysicalRequest): void {
     request.handle.requestFinished();
     request.done(request.err, request.holes);
   }

@@ -163,7 +163,9 @@ describe("PhysicalDevice, shared timeline (simulated clock)", () => {
       await Promise.all(submitted);
       const stats = device.stats();
       assert.equal(stats.queuedMax, files.length * count - 1, "one in the model, the rest queued");
-      assert.equal(stats.latency?.queuedMax, 1);
+      // The model holds one request at a time; the timeline counts one more while a request that is due
+      // waits for its callback (its successor enters the model at its due time).
+      assert.ok((stats.latency?.queuedMax ?? 0) <= 2, `timeline held ${stats.latency?.queuedMax}`);
       await Promise.all([closeAsync(handles.A), closeAsync(handles.B)]);
       return { makespanUs: stats.latency?.simulatedNowUs ?? NaN, expectedUs };
     }
@@ -322,7 +324,7 @@ describe("PhysicalDevice, shared timeline (simulated clock)", () => {
     assert.deepEqual(order.slice(0, 3).sort(), ["bg0", "bg1", "rt"].sort());
     assert.equal(order.indexOf("rt") < order.indexOf("bg2"), true);
     assert.equal(ssd.stats().queuedMax, 3);
-    assert.equal(ssd.stats().latency?.queuedMax, 2);
+    assert.ok((ssd.stats().latency?.queuedMax ?? 0) <= 3, "2 channels, plus one due and not yet called back");
 
     const fixed = simulated({ kind: "fixed", latencyUs: 500 });
     const handle = fixed.attach(new MemoryDevice(1 * MiB));
@@ -505,5 +507,23 @@ describe("PhysicalDevice, real clock", () => {
     assert.ok(stats.byPriority.realtime.waitUsMax >= overheadUs * 0.9, "waited for the one in the model");
     assert.ok(stats.byPriority.background.waitUsMax >= overheadUs * 3 * 0.9);
     await Promise.all([closeAsync(background), closeAsync(realtime)]);
+  });
+
+  it("a file slower than the model (a real fdatasync) does not hold the modelled head", async () => {
+    const device = new PhysicalDevice({ model: { kind: "hdd", commandOverheadUs: 1000 }, modelBytes: GiB });
+    const slowFile = new MemoryDevice(4096);
+    const flush = slowFile.flush.bind(slowFile);
+    slowFile.flush = (done) => setTimeout(() => flush(done), 300);
+    const slow = device.attach(slowFile);
+    const other = device.attach(new MemoryDevice(1 * MiB));
+    const started = performance.now();
+    let flushedMs = 0;
+    const flushed = flushAsync(slow).then(() => (flushedMs = performance.now() - started));
+    await readAsync(other, Buffer.alloc(4096), 0);
+    const readMs = performance.now() - started;
+    await flushed;
+    assert.ok(flushedMs >= 300, `the flush waits for its file (${flushedMs} ms)`);
+    assert.ok(readMs < 200, `the read behind it only waited for the modelled flush (${readMs} ms)`);
+    await Promise.all([closeAsync(slow), closeAsync(other)]);
   });
 });
