@@ -934,6 +934,11 @@ export class DiskRegistry implements ExportProvider {
       if (id >= DEVICES_MAX) {
         throw new VdiskError("LIMIT", `pool ${poolName} already has ${DEVICES_MAX} devices`);
       }
+      if (fs.existsSync(resolved) && !fs.statSync(resolved).isDirectory()) {
+        throw new VdiskError("INVALID_ARGUMENT", `${dir} is not a directory`, {
+          hint: "a pool device is a directory (on a block device, make a file system and mount it first)",
+        });
+      }
       try {
         fs.mkdirSync(resolved, { recursive: true });
         fs.accessSync(resolved, fs.constants.W_OK);

@@ -493,20 +493,9 @@ export class TierManager {
         spent += blocksPer;
         chosen.add(`${candidate.head.name}:${candidate.extent}`);
       }
-      // Demote fast-class data outside the chosen set first: it makes the room the promotions need.
-      for (const head of heads) {
-        const blocksPer = extentBlocks.get(head.name) as number;
-        for (const [extent, devices] of onDevices.get(head.name) as Map<number, Set<number>>) {
-          if (![...devices].some((device) => fast.has(device))) continue;
-          const start = extent * blocksPer;
-          const end = Math.min(head.layer.blocks, start + blocksPer);
-          if (pinnedClass(head.disk, start, end) !== null) continue;
-          if (!demoteAll.has(head.name) && chosen.has(`${head.name}:${extent}`)) continue;
-          const target = this.slowDevice(state, end - start);
-          if (target >= 0)
-            moves.push({ ...head, start, end, device: target, targetClass: null, kind: "demotions" });
-        }
-      }
+      let needBlocks = 0;
+      for (const move of moves)
+        if (move.targetClass === record.fastClass) needBlocks += move.end - move.start;
       for (const candidate of candidates) {
         const { head, extent } = candidate;
         if (!chosen.has(`${head.name}:${extent}`)) continue;
@@ -515,7 +504,44 @@ export class TierManager {
         const blocksPer = extentBlocks.get(head.name) as number;
         const start = extent * blocksPer;
         const end = Math.min(head.layer.blocks, start + blocksPer);
+        needBlocks += end - start;
         moves.push({ ...head, start, end, device: -1, targetClass: record.fastClass, kind: "promotions" });
+      }
+      // Demote only what the promotions and pins need room for (beyond what is free), coldest first — and
+      // everything on the fast class of a disk the profile policy does not want there. Demoting all data
+      // outside the chosen set would churn: data placed by writes would be moved back at every pass.
+      let freeBlocks = 0;
+      for (const id of fast) {
+        const capacity = state.capacityBlocks[id] ?? Infinity;
+        let used = 0;
+        for (const image of state.images) used += image.usedBlocks(id);
+        freeBlocks += Math.max(0, capacity - used);
+      }
+      let demoteBlocks = needBlocks - freeBlocks;
+      const demotable: Array<{ head: (typeof heads)[number]; start: number; end: number; heat: number }> = [];
+      for (const head of heads) {
+        const blocksPer = extentBlocks.get(head.name) as number;
+        const view = this.heatSource.heat(head.name);
+        for (const [extent, devices] of onDevices.get(head.name) as Map<number, Set<number>>) {
+          if (![...devices].some((device) => fast.has(device))) continue;
+          const start = extent * blocksPer;
+          const end = Math.min(head.layer.blocks, start + blocksPer);
+          if (pinnedClass(head.disk, start, end) !== null) continue;
+          const mandatory = demoteAll.has(head.name);
+          if (!mandatory && chosen.has(`${head.name}:${extent}`)) continue;
+          const heat = mandatory
+            ? -1
+            : (view?.rangeHeat(start * BLOCK_BYTES, (end - start) * BLOCK_BYTES) ?? 0);
+          demotable.push({ head, start, end, heat });
+        }
+      }
+      demotable.sort((a, b) => a.heat - b.heat);
+      for (const { head, start, end, heat } of demotable) {
+        if (heat >= 0 && demoteBlocks <= 0) break;
+        const target = this.slowDevice(state, end - start);
+        if (target < 0) continue;
+        moves.push({ ...head, start, end, device: target, targetClass: null, kind: "demotions" });
+        demoteBlocks -= end - start;
       }
     }
     // 3. Run them one at a time, paced: demotions first (they make room), then pins, then promotions.

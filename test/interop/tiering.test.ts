@@ -249,6 +249,7 @@ test("pools survive a restart; bad pool commands say what is wrong and change no
     [["pool", "add-device", "hy", daemon.file("ssd"), "--class", "ssd"], /overlaps device/],
     [["pool", "add-device", "hy", daemon.file("y"), "--class", "SSD!"], /not a valid device class/],
     [["pool", "set", "hy", "--policy", "fastest"], /unknown placement policy/],
+    [["pool", "add-device", "hy", "/dev/null", "--class", "ssd"], /is not a directory/],
     [["create", "z", "--size", "1M", "--pool", "nope"], /no pool named nope/],
     [["set", "web", "--priority", "urgent"], /realtime, normal, background|Allowed choices/],
   ];
