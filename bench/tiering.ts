@@ -7,7 +7,7 @@
  *   all-ssd   a pool whose device 0 is `--class ssd --emulate ssd`
  *   hybrid    device 0 hdd, plus an ssd device (`pool add-device --class ssd --emulate ssd`) whose capacity
  *             is 20 % of the bytes the N VMs' traces touch (counted offline, bench/trace-footprint.ts),
- *             policy heat: one warm-up replay of the same records (so the monitor's heat learns them),
+ *             policy profile (TIER_HYBRID_POLICY): one warm-up replay of the same records (so the monitor's heat learns them),
  *             one `vdisk tier run POOL` (a placement pass; moves done when it returns), then the measured
  *             replay
  *
@@ -43,8 +43,8 @@
  *   TIER_DISK_SIZE  size of each VM's disk (512M; the traces wrap onto it, see docs/replay.md)
  *   TIER_FAST_OF    what the hybrid's 20 % is of: touched (default; the bytes the N disks' replayed records
  *                  touch, per trace-footprint.ts) or disk (the N disks' whole prefilled size)
- *   TIER_HYBRID_POLICY  the hybrid pools' policy: heat (default) or profile (small random writes also go
- *                  to the fast class)
+ *   TIER_HYBRID_POLICY  the hybrid pools' policy: profile (default: small random writes go to the fast
+ *                  class, and random-small disks' hottest extents are promoted) or heat (promotion only)
  *   TIER_MIGRATE_RATE  if set, `vdisk pool set POOL --migrate-rate RATE` on hybrid pools (bytes/s, e.g. 256M)
  *   TIER_RT_TRACE   the trace of the realtime study (tpcc)
  *   TIER_DOCS       "0": do not write docs/tiering-eval.md and docs/charts/tiering-*.svg (trial runs)
@@ -1031,7 +1031,7 @@ async function main(): Promise<void> {
       Object.keys(CONFIGS) as ConfigId[],
     ),
     migrateRate: process.env.TIER_MIGRATE_RATE?.trim() || null,
-    hybridPolicy: env("TIER_HYBRID_POLICY", "heat") === "profile" ? "profile" : "heat",
+    hybridPolicy: env("TIER_HYBRID_POLICY", "profile") === "heat" ? "heat" : "profile",
     fastOf: list("TIER_FAST_OF", process.env.TIER_FAST_OF, ["touched", "disk"], ["touched"])[0] as
       "touched" | "disk",
     rtTrace: list("TIER_RT_TRACE", process.env.TIER_RT_TRACE, traceIds, ["tpcc"])[0] as TraceId,

@@ -10,7 +10,8 @@
  *     heat     the same for writes (a realtime disk's new data goes to the fast class while it has room);
  *              the background pass moves the hottest extents to the fast class
  *     profile  a small (≤ profileSmallBytesMax) random write goes to the fast class, a large or sequential
- *              one to the slow class, and data of the range elsewhere follows it (strict)
+ *              one to the slow class, and data of the range elsewhere follows it (strict); a realtime
+ *              disk's writes go to the fast class while it has room
  *   Capacity: a device with a capacity takes an allocation only while the blocks the pool's images use on
  *   it stay within it (Image.usedBlocks, summed); otherwise the image falls back to device 0.
  * - Migration passes (`run`, and every `passIntervalMs` for pools that need them): for heat, every disk's
@@ -305,6 +306,10 @@ export class TierManager {
     const fastClass = state.record.fastClass;
     switch (state.record.policy) {
       case "profile": {
+        if (diskState.priority === "realtime") {
+          const device = this.deviceWithRoom(state, fastClass, blocks);
+          if (device >= 0) return device;
+        }
         const small = blocks * BLOCK_BYTES <= profileSmallBytesMax;
         const device =
           small && !sequential
