@@ -39,7 +39,7 @@
  *   TIER_TRACES     comma list of wsrch, tpcc (default: both)
  *   TIER_CONFIGS    comma list of all-hdd, all-ssd, hybrid (default: all three)
  *   TIER_VMS        comma list of VM counts (default 1,2,3,4)
- *   TIER_LIMIT      records replayed per VM (2000)       TIER_QD   requests in flight per VM (4)
+ *   TIER_LIMIT      records replayed per VM (1000)       TIER_QD   requests in flight per VM (4)
  *   TIER_DISK_SIZE  size of each VM's disk (512M; the traces wrap onto it, see docs/replay.md)
  *   TIER_FAST_OF    what the hybrid's 20 % is of: touched (default; the bytes the N disks' replayed records
  *                  touch, per trace-footprint.ts) or disk (the N disks' whole prefilled size)
@@ -1017,7 +1017,7 @@ async function main(): Promise<void> {
   const ctx: Context = {
     mode,
     scratch: "",
-    limit: Number(env("TIER_LIMIT", "2000")),
+    limit: Number(env("TIER_LIMIT", "1000")),
     queueDepth: Number(env("TIER_QD", "4")),
     diskBytes: parseSize(env("TIER_DISK_SIZE", "512M")),
     vmCounts: env("TIER_VMS", "1,2,3,4")
