@@ -8,6 +8,11 @@
  * read-only as `DISK@SNAP`; a vdisk export also offers a `qemu:dirty-bitmap:SNAP` meta context for every
  * snapshot in its ancestry (snapshots of other disks as `OTHER@SNAP`), answered by ImageVolume.changedSince.
  *
+ * Pools (src/tier/pools.ts, docs/tiering.md): a disk lives in a pool; a vdisk image is opened over a
+ * TieredBacking of its pool's devices — the image file (device 0) and its file on every other device,
+ * each behind the device's emulation when it has one — and gets the pool's placement. Adding a device
+ * opens its file for every open image of the pool first, then records it in the catalog, then attaches.
+ *
  * Every disk of the catalog is opened at start (so `lookup`/`open`, which the NBD handshake calls
  * synchronously, never wait). Each disk and each exported snapshot counts the export handles open on it
  * (one per NBD connection in transmission) and the pins held by jobs (import/export); delete, rollback and
@@ -68,12 +73,12 @@ import {
   validatePriority,
 } from "../tier/pools";
 import { TierManager, type TierImage, type PoolTierStatus } from "../tier/tier-manager";
+import { DEVICES_MAX } from "../image/format";
 
 /** A pool as `vdisk pool list` shows it. */
 export interface PoolInfo extends PoolTierStatus {
   disks: string[];
 }
-import { DEVICES_MAX } from "../image/format";
 
 /** Opens (or, with `create`, creates as a sparse file of that size) a disk's backing device. */
 export type DeviceOpener = (

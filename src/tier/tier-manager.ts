@@ -17,8 +17,9 @@
  * - Migration passes (`run`, and every `passIntervalMs` for pools that need them): for heat, every disk's
  *   hottest extents (the monitor's heat, src/monitor/heat.ts) ranked by priority (realtime first), then
  *   heat, are taken until the fast class's capacity (× fastFillFraction) is spent; data on the fast class
- *   outside that set is demoted first (making room), then the set is promoted. For profile, only disks
- *   whose profile is random-small are promoted, and the fast-class data of the others is demoted. Pins are
+ *   outside that set is demoted as far as the promotions need room, coldest first, then the set is
+ *   promoted. For profile the same, except that a disk whose decayed profile is sequential-large has all
+ *   its fast-class data demoted and nothing promoted (never a realtime disk). Pins are
  *   enforced by every pass, and a pinned range is never moved by a policy. Each move is one heat extent
  *   through Image.migrate (copy to new blocks, switch the index entry, free the old blocks once the next
  *   commit is durable: crash-safe), one at a time, paced to the pool's migrateBytesPerSecond.
@@ -469,9 +470,9 @@ export class TierManager {
       const candidates: Array<{ head: (typeof heads)[number]; extent: number; heat: number }> = [];
       const demoteAll = new Set<string>();
       for (const head of heads) {
-        if (record.policy === "profile") {
-          const profile = this.heatSource.profile(head.name);
-          if (profile === null || profile.kind !== "random-small") {
+        if (record.policy === "profile" && head.disk.priority !== "realtime") {
+          // A disk whose recent workload is mostly large and sequential belongs on the slow class.
+          if (this.heatSource.profile(head.name)?.kind === "sequential-large") {
             demoteAll.add(head.name);
             continue;
           }

@@ -187,6 +187,21 @@ test("profile: small random writes land on the ssd, large sequential ones on the
   const mix = daemon.vdiskJson<TierStatus>(["tier", "status", "mix"]).disks[0];
   assert.equal(mix?.classes.ssd, 32 * 4 * KiB, "the 32 random 4 KiB writes");
   assert.equal(mix?.classes.hdd, 4 * MiB, "the four sequential 1 MiB writes");
+  // A pass promotes a random-small disk's hot extents (here all: the ssd has no capacity limit)...
+  daemon.vdiskJson<PassResult>(["tier", "run", "pp"]);
+  assert.equal(
+    daemon.vdiskJson<TierStatus>(["tier", "status", "mix"]).disks[0]?.classes.ssd,
+    4 * MiB + 32 * 4 * KiB,
+  );
+  // ... and once the disk's workload turns large and sequential, moves its fast-class data down.
+  const stream = await client("mix");
+  for (let i = 0; i < 200; i++) await stream.readAsync((i % 4) * MiB, MiB);
+  await stream.close();
+  const pass = daemon.vdiskJson<PassResult>(["tier", "run", "pp"]);
+  assert.ok(pass.demotions >= 1, `demoted ${pass.demotions} extents`);
+  const after = daemon.vdiskJson<TierStatus>(["tier", "status", "mix"]).disks[0];
+  assert.equal(after?.classes.ssd, 0, "a sequential-large disk keeps nothing on the ssd");
+  assert.equal(after?.classes.hdd, 4 * MiB + 32 * 4 * KiB);
 });
 
 test("priority: a realtime disk's requests pass a background backlog on a shared emulated hdd", async () => {
