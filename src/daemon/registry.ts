@@ -859,7 +859,7 @@ export class DiskRegistry implements ExportProvider {
 
   /** Every pool with its devices, their use, and the pool's disks. */
   async poolList(): Promise<PoolInfo[]> {
-    const status = await this.tier.status();
+    const status = await this.tier.status(undefined, false);
     return status.pools.map((pool) => ({
       ...pool,
       disks: [...this.disks.values()]

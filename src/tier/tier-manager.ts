@@ -267,7 +267,11 @@ export class TierManager {
     let state = this.states.get(pool);
     if (!state) {
       const record = this.options.pools().find((candidate) => candidate.name === pool);
-      if (!record) throw new VdiskError("NOT_FOUND", `no pool named ${pool}`);
+      if (!record) {
+        throw new VdiskError("NOT_FOUND", `no pool named ${pool}`, {
+          hint: "vdisk pool list shows the pools; vdisk pool create NAME makes one",
+        });
+      }
       state = {
         record,
         placement: new PoolPlacement(this, pool),
@@ -606,7 +610,8 @@ export class TierManager {
 
   // ---- Status --------------------------------------------------------------------------------------
 
-  async status(disk?: string): Promise<TierStatus> {
+  /** Pools, and (unless `withDisks` is false: it maps every disk) each disk's bytes per device. */
+  async status(disk?: string, withDisks = true): Promise<TierStatus> {
     const images = this.options.images();
     const pools: PoolTierStatus[] = [];
     for (const record of this.options.pools()) {
@@ -634,7 +639,7 @@ export class TierManager {
       });
     }
     const disks: DiskTierStatus[] = [];
-    for (const entry of images) {
+    for (const entry of withDisks ? images : []) {
       const record = this.options.pools().find((pool) => pool.name === entry.pool);
       for (const { record: diskRecord } of entry.disks) {
         if (disk !== undefined && diskRecord.name !== disk) continue;

@@ -266,6 +266,8 @@ test("pools survive a restart; bad pool commands say what is wrong and change no
     [["pool", "set", "hy", "--policy", "fastest"], /unknown placement policy/],
     [["pool", "add-device", "hy", "/dev/null", "--class", "ssd"], /is not a directory/],
     [["create", "z", "--size", "1M", "--pool", "nope"], /no pool named nope/],
+    [["tier", "run", "nope"], /no pool named nope/],
+    [["tier", "status", "nope"], /no vdisk-format disk named nope/],
     [["set", "web", "--priority", "urgent"], /realtime, normal, background|Allowed choices/],
   ];
   for (const [args, message] of cases) {
