@@ -13,7 +13,18 @@
 import * as http from "node:http";
 import { ErrorCodes, VdiskError, type ErrorCode } from "../errors";
 import { readTokenFile } from "../daemon/api-token";
-import { homePaths, readDaemonInfo, type HomePaths } from "../daemon/home";
+import { homePaths, readDaemonInfo, resolveHome, type HomePaths } from "../daemon/home";
+
+/** The options every command takes. */
+export interface CommonOptions {
+  home?: string;
+  json?: boolean;
+}
+
+/** The API client of the home a command names (--home, else $VDISK_HOME, else ./vdisk-home). */
+export function clientFor(options: CommonOptions): ApiClient {
+  return new ApiClient(resolveHome(options.home));
+}
 
 export interface ApiResult<T> {
   status: number;

@@ -17,13 +17,12 @@ import { Command, CommanderError, InvalidArgumentError } from "commander";
 import { VdiskError } from "../errors";
 import { blockBytesPreferred, requestBytesMaxCeiling } from "../limits";
 import { runDaemon, vdiskVersion, type DaemonOptions } from "../daemon/daemon";
-import { resolveHome } from "../daemon/home";
 import { parseSnapshotName } from "../daemon/catalog";
 import type { CheckReport, DeleteResult, DiskInfo, DiskTree, SnapshotInfo } from "../daemon/registry";
 import type { JobView } from "../daemon/jobs";
 import type { DiskStats, StatsSnapshot } from "../monitor/types";
 import { formatSize, parseDiskSize, parseSize } from "../util/size";
-import { ApiClient, type ApiResult } from "./client";
+import { type ApiClient, type ApiResult, type CommonOptions, clientFor } from "./client";
 import {
   checkText,
   deleteText,
@@ -35,6 +34,8 @@ import {
   jobProgress,
   jobSummary,
   keyValues,
+  output,
+  print,
   printError,
   snapshotTable,
   statsText,
@@ -45,25 +46,7 @@ import { registerReplay } from "./replay";
 import { registerPools } from "./pool";
 import { parsePins } from "../tier/pools";
 
-interface CommonOptions {
-  home?: string;
-  json?: boolean;
-}
-
 const jobPollMs = 200;
-
-function clientFor(options: CommonOptions): ApiClient {
-  return new ApiClient(resolveHome(options.home));
-}
-
-function print(text: string): void {
-  process.stdout.write(text.endsWith("\n") ? text : `${text}\n`);
-}
-
-/** --json: the API's body as received; otherwise the human rendering. */
-function output<T>(options: CommonOptions, result: ApiResult<T>, human: (data: T) => string): void {
-  print(options.json ? result.text : human(result.data));
-}
 
 function diskPath(name: string): string {
   return `/v1/disks/${encodeURIComponent(name)}`;
@@ -459,6 +442,9 @@ async function top(options: CommonOptions & { once?: boolean; interval: number }
 // ---- Program -------------------------------------------------------------------------------------------
 
 type Action = (...args: never[]) => Promise<void>;
+/** What command modules (replay.ts, pool.ts) are handed to register their commands like main's. */
+export type CommandFactory = (program: Command, spec: string, description: string) => Command;
+export type Handled = <A extends Action>(action: A) => (...args: Parameters<A>) => Promise<void>;
 
 /** Run an action; a thrown error is printed and sets exit status 1. */
 function handled<A extends Action>(action: A): (...args: Parameters<A>) => Promise<void> {

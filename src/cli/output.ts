@@ -8,6 +8,7 @@
  * `--json` output never comes through here: it is the API's body, printed as received.
  */
 import type { DiskPin } from "../tier/pools";
+import type { ApiResult, CommonOptions } from "./client";
 import { SingleBar } from "cli-progress";
 import { VdiskError } from "../errors";
 import type {
@@ -36,6 +37,16 @@ import {
 } from "../monitor/types";
 import { formatRate, formatSize } from "../util/size";
 import { formatLatency } from "./top";
+
+/** Print `text` with exactly one trailing newline. */
+export function print(text: string): void {
+  process.stdout.write(text.endsWith("\n") ? text : `${text}\n`);
+}
+
+/** --json: the API's body as received; otherwise the human rendering. */
+export function output<T>(options: CommonOptions, result: ApiResult<T>, human: (data: T) => string): void {
+  print(options.json ? result.text : human(result.data));
+}
 
 export function table(headers: string[], rows: string[][]): string {
   const widths = headers.map((header, column) =>

@@ -13,31 +13,13 @@
  */
 import * as path from "node:path";
 import type { Command } from "commander";
-import { resolveHome } from "../daemon/home";
 import type { PoolInfo } from "../daemon/registry";
 import type { PassResult, TierStatus } from "../tier/tier-manager";
 import { poolPolicies } from "../tier/pools";
 import { formatSize, parseSize } from "../util/size";
-import { ApiClient, type ApiResult } from "./client";
-import { keyValues, pinsText, table } from "./output";
-
-type Action = (...args: never[]) => Promise<void>;
-type CommandFactory = (program: Command, spec: string, description: string) => Command;
-type Handled = <A extends Action>(action: A) => (...args: Parameters<A>) => Promise<void>;
-
-interface CommonOptions {
-  home?: string;
-  json?: boolean;
-}
-
-function clientFor(options: CommonOptions): ApiClient {
-  return new ApiClient(resolveHome(options.home));
-}
-
-function output<T>(options: CommonOptions, result: ApiResult<T>, human: (data: T) => string): void {
-  const text = options.json ? result.text : human(result.data);
-  process.stdout.write(text.endsWith("\n") ? text : `${text}\n`);
-}
+import { type CommonOptions, clientFor } from "./client";
+import type { CommandFactory, Handled } from "./main";
+import { keyValues, output, pinsText, table } from "./output";
 
 function poolPath(name: string): string {
   return `/v1/pools/${encodeURIComponent(name)}`;

@@ -32,12 +32,9 @@ import {
 import { traceFormats, type TraceFormat } from "../replay/traces";
 import { formatSize } from "../util/size";
 import { ApiClient } from "./client";
+import type { CommandFactory, Handled } from "./main";
 import { table } from "./output";
 import { formatIops, formatLatency, formatMBps } from "./top";
-
-type Action = (...args: never[]) => Promise<void>;
-type CommandFactory = (program: Command, spec: string, description: string) => Command;
-type Handled = <A extends Action>(action: A) => (...args: Parameters<A>) => Promise<void>;
 
 interface ReplayCommandOptions {
   home?: string;
