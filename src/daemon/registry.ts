@@ -43,7 +43,7 @@ import {
   checkEngineSettings,
   defaultEngineSettings,
 } from "../engine/request-engine";
-import { Image, type Layer } from "../image/image";
+import { Image, type ImagePlacement, type Layer } from "../image/image";
 import { ImageVolume } from "../image/volume";
 import type { ExportHandle, ExportProvider, ExportSummary } from "../protocol/nbd/exports";
 import { checkDiskSize, formatSize } from "../util/size";
@@ -379,7 +379,7 @@ export class DiskRegistry implements ExportProvider {
     let image: Image;
     try {
       image = await Image.open(backing, { indexCache: this.indexCache });
-      image.placement = this.tier.placement(pool);
+      image.placement = this.placementFor(pool);
     } catch (err) {
       await closeAsync(backing).catch(() => undefined);
       const error = fromSystemError(err, `cannot open the image ${file}`);
@@ -438,6 +438,14 @@ export class DiskRegistry implements ExportProvider {
     for (const device of pool?.devices ?? []) {
       if (device.id !== 0) fs.rmSync(this.tierFilePath(device, file), { force: true });
     }
+  }
+
+  /**
+   * The placement an image of `pool` consults on writes: none while the pool has one device (nothing to
+   * decide, and nothing to ask on the write path); `poolAddDevice` sets it on the pool's open images.
+   */
+  private placementFor(pool: string): ImagePlacement | null {
+    return this.poolRecord(pool).devices.length > 1 ? this.tier.placement(pool) : null;
   }
 
   private poolRecord(name: string): PoolRecord {
@@ -974,6 +982,7 @@ export class DiskRegistry implements ExportProvider {
       }
       for (const { open, file } of added) {
         open.image.attachDevice(id, file);
+        open.image.placement = this.placementFor(poolName);
         this.tier.trackHandles(open.file, open.backing.devices);
       }
       this.tier.refresh();
@@ -1222,7 +1231,7 @@ export class DiskRegistry implements ExportProvider {
     let image: Image;
     try {
       image = await Image.create(backing, { name, sizeBytes: size }, { indexCache: this.indexCache });
-      image.placement = this.tier.placement(pool);
+      image.placement = this.placementFor(pool);
     } catch (err) {
       await closeAsync(backing).catch(() => undefined);
       fs.rmSync(file, { force: true });

@@ -295,15 +295,13 @@ export class TierManager {
   writeDevice(pool: string, disk: string, block: number, blocks: number): number {
     const state = this.states.get(pool);
     const diskState = this.disks.get(disk);
-    if (state === undefined || diskState === undefined || state.record.devices.length === 1) return -1;
+    if (state === undefined || diskState === undefined) return -1;
     const sequential = block === diskState.lastEnd;
     diskState.lastEnd = block + blocks;
     const pins = diskState.pins;
     for (let i = 0; i < pins.length; i++) {
       const pin = pins[i] as DiskPin;
-      const pinStart = pin.start / BLOCK_BYTES;
-      const pinEnd = pin.end === null ? Infinity : pin.end / BLOCK_BYTES;
-      if (block < pinEnd && block + blocks > pinStart) {
+      if (pinOverlaps(pin, block, block + blocks)) {
         const device = this.deviceWithRoom(state, pin.class, blocks);
         if (device >= 0) return device + placementStrict;
       }
@@ -333,9 +331,7 @@ export class TierManager {
     if (state === undefined) return true;
     const capacity = state.capacityBlocks[device];
     if (capacity === undefined || capacity === Infinity) return true;
-    let used = 0;
-    for (let i = 0; i < state.images.length; i++) used += (state.images[i] as Image).usedBlocks(device);
-    return used + blocks <= capacity;
+    return usedBlocks(state, device) + blocks <= capacity;
   }
 
   /** A device of `cls` with room for `blocks`, or -1. */
@@ -425,11 +421,7 @@ export class TierManager {
     };
     const moves: Move[] = [];
     const pinnedClass = (disk: DiskState, block: number, end: number): string | null => {
-      for (const pin of disk.pins) {
-        const pinStart = pin.start / BLOCK_BYTES;
-        const pinEnd = pin.end === null ? Infinity : pin.end / BLOCK_BYTES;
-        if (block < pinEnd && end > pinStart) return pin.class;
-      }
+      for (const pin of disk.pins) if (pinOverlaps(pin, block, end)) return pin.class;
       return null;
     };
     // Where each head's data is, by heat extent: extent → devices holding some of it.
@@ -523,9 +515,7 @@ export class TierManager {
       let freeBlocks = 0;
       for (const id of fast) {
         const capacity = state.capacityBlocks[id] ?? Infinity;
-        let used = 0;
-        for (const image of state.images) used += image.usedBlocks(id);
-        freeBlocks += Math.max(0, capacity - used);
+        freeBlocks += Math.max(0, capacity - usedBlocks(state, id));
       }
       let demoteBlocks = needBlocks - freeBlocks;
       const demotable: Array<{ head: (typeof heads)[number]; start: number; end: number; heat: number }> = [];
@@ -626,10 +616,7 @@ export class TierManager {
           class: device.class,
           path: device.path,
           capacity: device.capacity ?? null,
-          usedBytes:
-            images
-              .filter((image) => image.pool === record.name)
-              .reduce((sum, image) => sum + image.image.usedBlocks(device.id), 0) * BLOCK_BYTES,
+          usedBytes: usedBlocks(state, device.id) * BLOCK_BYTES,
           emulate: device.emulate ?? null,
           queue: this.physical.get(`${record.name}/${device.id}`)?.stats() ?? null,
         })),
@@ -681,6 +668,18 @@ export class TierManager {
       await state.running?.catch(() => undefined);
     }
   }
+}
+
+/** Blocks the pool's images use on `device`, summed (Image.usedBlocks). */
+function usedBlocks(state: PoolState, device: number): number {
+  let used = 0;
+  for (let i = 0; i < state.images.length; i++) used += (state.images[i] as Image).usedBlocks(device);
+  return used;
+}
+
+/** Whether `pin` covers any of blocks [start, end). */
+function pinOverlaps(pin: DiskPin, start: number, end: number): boolean {
+  return start < (pin.end === null ? Infinity : pin.end / BLOCK_BYTES) && end > pin.start / BLOCK_BYTES;
 }
 
 function sleep(ms: number): Promise<void> {
