@@ -339,11 +339,14 @@ export class Image {
       ),
     ];
     const devices = this.tiered?.devices ?? [];
-    for (let d = 1; d < devices.length; d++) {
-      if (devices[d] === undefined) continue;
-      const first = d * DEVICE_REGION_BLOCKS;
-      this.spaces[d] = new FreeSpace(first, first + this.deviceBlocks(d), first + DEVICE_REGION_BLOCKS);
-    }
+    for (let d = 1; d < devices.length; d++)
+      if (devices[d] !== undefined) this.spaces[d] = this.freshSpace(d);
+  }
+
+  /** All of device d's file as free space (d ≥ 1: data only), growable to the end of its region. */
+  private freshSpace(device: number): FreeSpace {
+    const first = device * DEVICE_REGION_BLOCKS;
+    return new FreeSpace(first, first + this.deviceBlocks(device), first + DEVICE_REGION_BLOCKS);
   }
 
   /** Start using device `device` (its file `file`, empty or holding this image's data): a pool gained it. */
@@ -351,12 +354,7 @@ export class Image {
     assert(this.tiered !== null, "only an image over a TieredBacking gains devices");
     assert(device >= 1 && this.spaces[device] === undefined, `device ${device} is new`);
     this.tiered.attach(device, file);
-    const first = device * DEVICE_REGION_BLOCKS;
-    this.spaces[device] = new FreeSpace(
-      first,
-      first + this.deviceBlocks(device),
-      first + DEVICE_REGION_BLOCKS,
-    );
+    this.spaces[device] = this.freshSpace(device);
   }
 
   /** Free space of device 0: index nodes, the layer table and untiered data. */
@@ -373,8 +371,17 @@ export class Image {
 
   /** Whole blocks in device d's file. */
   private deviceBlocks(device: number): number {
-    const bytes = device === 0 ? this.backing.size : (this.tiered?.deviceSize(device) ?? 0);
-    return Math.floor(bytes / BLOCK_BYTES);
+    return Math.floor(this.deviceBytes(device) / BLOCK_BYTES);
+  }
+
+  /** Bytes in device d's file. */
+  private deviceBytes(device: number): number {
+    return device === 0 ? this.backing.size : (this.tiered?.deviceSize(device) ?? 0);
+  }
+
+  /** Bytes device d's file must have to hold every block allocated on it. */
+  private deviceBytesNeeded(device: number, space: FreeSpace): number {
+    return (space.endBlock - device * DEVICE_REGION_BLOCKS) * BLOCK_BYTES;
   }
 
   /** Where each device's file ends, in image addresses (format.ts DeviceEnds). */
@@ -1742,7 +1749,7 @@ export class Image {
     if (!eligible) return finish();
     const device = deviceOfBlock((runs[0] as Run).address);
     if (this.placement !== null && !this.placement.hasRoom(device, FANOUT)) return finish();
-    const address = this.spaceOf((runs[0] as Run).address).allocate(FANOUT);
+    const address = (this.spaces[device] as FreeSpace).allocate(FANOUT);
     const buffer = Buffer.allocUnsafe(FANOUT * BLOCK_BYTES);
     const epoch = this.ioBegin();
     const failed = (): void => {
@@ -1972,8 +1979,8 @@ export class Image {
       for (let d = 0; d < this.spaces.length; d++) {
         const space = this.spaces[d];
         if (space === undefined) continue;
-        const needed = (space.endBlock - d * DEVICE_REGION_BLOCKS) * BLOCK_BYTES;
-        const size = d === 0 ? this.backing.size : (this.tiered as TieredBacking).deviceSize(d);
+        const needed = this.deviceBytesNeeded(d, space);
+        const size = this.deviceBytes(d);
         if (size >= needed) continue;
         // Grow in steps so a sequential writer does not truncate on every request.
         const target = Math.max(needed, Math.min(size * 2, size + 1024 * 1024 * 1024));
@@ -2003,15 +2010,9 @@ export class Image {
 
   /** Whether every device's file covers every block allocated on it. */
   private covered(): boolean {
-    if (this.backing.size < this.space.endBlock * BLOCK_BYTES) return false;
-    for (let d = 1; d < this.spaces.length; d++) {
+    for (let d = 0; d < this.spaces.length; d++) {
       const space = this.spaces[d];
-      if (
-        space !== undefined &&
-        (this.tiered as TieredBacking).deviceSize(d) <
-          (space.endBlock - d * DEVICE_REGION_BLOCKS) * BLOCK_BYTES
-      )
-        return false;
+      if (space !== undefined && this.deviceBytes(d) < this.deviceBytesNeeded(d, space)) return false;
     }
     return true;
   }
