@@ -867,7 +867,7 @@ export class DiskRegistry implements ExportProvider {
 
   /** Every pool with its devices, their use, and the pool's disks. */
   async poolList(): Promise<PoolInfo[]> {
-    const status = await this.tier.status(undefined, false);
+    const status = await this.tier.status(undefined, "none");
     return status.pools.map((pool) => ({
       ...pool,
       disks: [...this.disks.values()]

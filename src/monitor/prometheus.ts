@@ -20,6 +20,7 @@ import {
   queueDepthBuckets,
   requestSizeBucketsBytes,
   type StatsSnapshot,
+  type TierPoolStats,
 } from "./types";
 
 type MetricType = "counter" | "gauge" | "histogram";
@@ -404,6 +405,7 @@ export function vdiskFamilies(version: string): Family[] {
     },
     ...poolFamilies(),
     ...imageFamilies(),
+    ...tierFamilies(),
     ...indexCacheFamilies(),
     {
       name: "vdisk_nbd_connections",
@@ -534,6 +536,98 @@ function imageFamilies(): Family[] {
     image("vdisk_image_data_bytes", "Data bytes referenced by the image's layers.", "gauge", "dataBytes"),
     image("vdisk_image_index_bytes", "Bytes of index nodes of the image.", "gauge", "indexBytes"),
     image("vdisk_image_free_bytes", "Free bytes inside the image file, reusable.", "gauge", "freeBytes"),
+  ];
+}
+
+function tierFamilies(): Family[] {
+  type Device = TierPoolStats["devices"][number];
+  const device = (
+    name: string,
+    help: string,
+    type: MetricType,
+    value: (device: Device) => number | null,
+  ): Family => ({
+    name,
+    help,
+    type,
+    samples: (stats) =>
+      (stats.tier?.pools ?? []).flatMap((pool) =>
+        pool.devices.flatMap((d) => {
+          const v = value(d);
+          return v === null
+            ? []
+            : [{ labels: { pool: pool.name, device: String(d.id), class: d.class }, value: v }];
+        }),
+      ),
+  });
+  const pool = (
+    name: string,
+    help: string,
+    type: MetricType,
+    value: (pool: TierPoolStats) => number,
+  ): Family => ({
+    name,
+    help,
+    type,
+    samples: (stats) => (stats.tier?.pools ?? []).map((p) => ({ labels: { pool: p.name }, value: value(p) })),
+  });
+  return [
+    {
+      name: "vdisk_tier_pool_info",
+      help: "Always 1 per pool; its placement policy as a label.",
+      type: "gauge",
+      samples: (stats) =>
+        (stats.tier?.pools ?? []).map((p) => ({ labels: { pool: p.name, policy: p.policy }, value: 1 })),
+    },
+    device(
+      "vdisk_tier_device_capacity_bytes",
+      "Bytes the pool may place on the device (absent: no limit).",
+      "gauge",
+      (d) => d.capacity,
+    ),
+    device(
+      "vdisk_tier_device_used_bytes",
+      "Data blocks the pool's images keep on the device, in bytes.",
+      "gauge",
+      (d) => d.usedBytes,
+    ),
+    device(
+      "vdisk_tier_device_requests_total",
+      "Requests submitted to an emulated device's queue (emulated devices only).",
+      "counter",
+      (d) => d.queue?.requests ?? null,
+    ),
+    device(
+      "vdisk_tier_device_queued_requests",
+      "Requests waiting in an emulated device's priority queue (emulated devices only).",
+      "gauge",
+      (d) => d.queue?.queued ?? null,
+    ),
+    pool(
+      "vdisk_tier_migrated_bytes_total",
+      "Bytes moved between the pool's devices by placement passes.",
+      "counter",
+      (p) => p.migratedBytes,
+    ),
+    pool("vdisk_tier_passes_total", "Placement passes the pool finished.", "counter", (p) => p.passes),
+    pool(
+      "vdisk_tier_migrations_queued",
+      "Moves the running pass still has to make (0 when no pass runs).",
+      "gauge",
+      (p) => p.moving.queued,
+    ),
+    {
+      name: "vdisk_tier_disk_bytes",
+      help: "Data of a disk's view on each class of its pool (disks of pools with several devices).",
+      type: "gauge",
+      samples: (stats) =>
+        (stats.tier?.disks ?? []).flatMap((disk) =>
+          Object.entries(disk.classes).map(([cls, bytes]) => ({
+            labels: { disk: disk.name, pool: disk.pool, class: cls },
+            value: bytes,
+          })),
+        ),
+    },
   ];
 }
 

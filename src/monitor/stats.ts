@@ -4,7 +4,8 @@
  *
  * Two speeds. Request counters, connections and disk sizes are read at every `snapshot()`: they cost a pass
  * over the live connections. Space figures — allocated bytes per disk (a vdisk disk walks its index),
- * image statistics (every index node) and pool statfs — are cached: `fresh()` (the API, /metrics) waits
+ * image statistics (every index node), pool statfs and tiering (each device's use; each disk of a pool with
+ * several devices mapped by device) — are cached: `fresh()` (the API, /metrics) waits
  * for a refresh when the cache is older than `usageRefreshMs`; `snapshot()` (the dashboard's event stream,
  * every second) answers at once from the cache and starts a refresh in the background when it is older
  * than `usageBackgroundRefreshMs`. Nothing runs while nobody asks, except the event-loop delay histogram (perf_hooks,
@@ -22,7 +23,15 @@ import { heatTopDefault, heatTopMax } from "../limits";
 import { emptyOpCounters, type StatsRecorder } from "./recorder";
 import type { EngineStats } from "../engine/request-engine";
 import type { IndexCacheStats } from "../image/index-cache";
-import type { DiskStats, EngineCounters, ImageEngineStats, PoolStats, StatsSnapshot } from "./types";
+import type { TierStatus } from "../tier/tier-manager";
+import type {
+  DiskStats,
+  EngineCounters,
+  ImageEngineStats,
+  PoolStats,
+  StatsSnapshot,
+  TierStats,
+} from "./types";
 
 /** Oldest space figures `fresh()` accepts. */
 export const usageRefreshMs = 1000;
@@ -37,6 +46,8 @@ export interface StatsSources {
     allocatedBytes(): Promise<Map<string, number>>;
     monitorImages(): ImageEngineStats[];
     pools(): Array<{ name: string; dir: string }>;
+    /** Tiering status (absent in tests without pools). */
+    tier?: { status(disk: undefined, disks: "tiered"): Promise<TierStatus> };
   };
   recorder: StatsRecorder;
   server: { stats(): NbdServerStats };
@@ -50,6 +61,7 @@ interface Usage {
   allocated: Map<string, number>;
   images: ImageEngineStats[];
   pools: PoolStats[];
+  tier: TierStats | undefined;
 }
 
 function engineCounters(stats: EngineStats): EngineCounters {
@@ -87,7 +99,7 @@ class EventLoopLag {
 }
 
 export class DaemonStats {
-  private usage: Usage = { atMs: 0, allocated: new Map(), images: [], pools: [] };
+  private usage: Usage = { atMs: 0, allocated: new Map(), images: [], pools: [], tier: undefined };
   private refreshing: Promise<void> | null = null;
   private readonly lag = new EventLoopLag();
 
@@ -131,7 +143,8 @@ export class DaemonStats {
     const allocated = await registry.allocatedBytes();
     const images = registry.monitorImages();
     const pools = await Promise.all(registry.pools().map((pool) => poolStats(pool.name, pool.dir)));
-    return { atMs: Date.now(), allocated, images, pools };
+    const tier = registry.tier ? tierStats(await registry.tier.status(undefined, "tiered")) : undefined;
+    return { atMs: Date.now(), allocated, images, pools, tier };
   }
 
   private build(heatTop: number): StatsSnapshot {
@@ -183,6 +196,7 @@ export class DaemonStats {
       pools: this.usage.pools,
       images: this.usage.images,
       ...(this.sources.indexCache ? { indexCache: this.sources.indexCache.stats() } : {}),
+      ...(this.usage.tier ? { tier: this.usage.tier } : {}),
       monitor: {
         enabled,
         heatHalfLifeSeconds: recorder.heatHalfLifeSeconds,
@@ -190,6 +204,32 @@ export class DaemonStats {
       },
     };
   }
+}
+
+/** The figures of a TierStatus that the stats and /metrics carry. */
+function tierStats(status: TierStatus): TierStats {
+  return {
+    pools: status.pools.map((pool) => ({
+      name: pool.name,
+      policy: pool.policy,
+      devices: pool.devices.map((device) => ({
+        id: device.id,
+        class: device.class,
+        capacity: device.capacity,
+        usedBytes: device.usedBytes,
+        queue: device.queue ? { queued: device.queue.queued, requests: device.queue.requests } : null,
+      })),
+      moving: { running: pool.moving.running, queued: pool.moving.queued },
+      migratedBytes: pool.migratedBytes,
+      passes: pool.passes,
+    })),
+    disks: status.disks.map((disk) => ({
+      name: disk.name,
+      pool: disk.pool,
+      priority: disk.priority,
+      classes: disk.classes,
+    })),
+  };
 }
 
 async function poolStats(name: string, dir: string): Promise<PoolStats> {

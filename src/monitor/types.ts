@@ -233,6 +233,30 @@ export interface StatsSnapshot {
   indexCache?: IndexCacheCounters;
   /** The request monitor (always set by the daemon). */
   monitor?: MonitorStats;
+  /** Tiering (src/tier/, docs/tiering.md): cached like the space figures (always set by the daemon). */
+  tier?: TierStats;
+}
+
+/** Each pool's devices and migrations; each disk of a pool with several devices, its bytes per class. */
+export interface TierStats {
+  pools: TierPoolStats[];
+  disks: Array<{ name: string; pool: string; priority: string; classes: Record<string, number> }>;
+}
+
+export interface TierPoolStats {
+  name: string;
+  policy: string;
+  devices: Array<{
+    id: number;
+    class: string;
+    capacity: number | null;
+    usedBytes: number;
+    /** Emulated devices only: requests waiting in the device's priority queue now, and in all. */
+    queue: { queued: number; requests: number } | null;
+  }>;
+  moving: { running: boolean; queued: number };
+  migratedBytes: number;
+  passes: number;
 }
 
 /** The daemon's index-node cache (src/image/index-cache.ts); limitBytes is null when unlimited (JSON). */

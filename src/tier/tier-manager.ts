@@ -117,6 +117,8 @@ export interface PoolTierStatus {
   devices: DeviceStatus[];
   moving: { running: boolean; queued: number; current: string | null };
   migratedBytes: number;
+  /** Passes finished since the daemon started. */
+  passes: number;
   lastPass: (PassResult & { at: string }) | null;
 }
 
@@ -145,6 +147,7 @@ interface PoolState {
   queued: number;
   current: string | null;
   migratedBytes: number;
+  passes: number;
   lastPass: (PassResult & { at: string }) | null;
   timer: NodeJS.Timeout | null;
 }
@@ -282,6 +285,7 @@ export class TierManager {
         queued: 0,
         current: null,
         migratedBytes: 0,
+        passes: 0,
         lastPass: null,
         timer: null,
       };
@@ -590,6 +594,7 @@ export class TierManager {
 
   private finishPass(state: PoolState, result: PassResult, started: number): PassResult {
     result.ms = Date.now() - started;
+    state.passes++;
     state.lastPass = { ...result, at: new Date().toISOString() };
     return result;
   }
@@ -600,8 +605,11 @@ export class TierManager {
 
   // ---- Status --------------------------------------------------------------------------------------
 
-  /** Pools, and (unless `withDisks` is false: it maps every disk) each disk's bytes per device. */
-  async status(disk?: string, withDisks = true): Promise<TierStatus> {
+  /**
+   * Pools, and each disk's bytes per device (mapping a disk's whole view): of every disk (`all`, or only
+   * `disk` when given), of the disks of pools with several devices (`tiered`), or of none.
+   */
+  async status(disk?: string, disks: "all" | "tiered" | "none" = "all"): Promise<TierStatus> {
     const images = this.options.images();
     const pools: PoolTierStatus[] = [];
     for (const record of this.options.pools()) {
@@ -622,12 +630,14 @@ export class TierManager {
         })),
         moving: { running: state.running !== null, queued: state.queued, current: state.current },
         migratedBytes: state.migratedBytes,
+        passes: state.passes,
         lastPass: state.lastPass,
       });
     }
-    const disks: DiskTierStatus[] = [];
-    for (const entry of withDisks ? images : []) {
+    const found: DiskTierStatus[] = [];
+    for (const entry of disks === "none" ? [] : images) {
       const record = this.options.pools().find((pool) => pool.name === entry.pool);
+      if (disks === "tiered" && (record?.devices.length ?? 1) < 2) continue;
       for (const { record: diskRecord } of entry.disks) {
         if (disk !== undefined && diskRecord.name !== disk) continue;
         const layer = entry.image.head(diskRecord.name);
@@ -640,7 +650,7 @@ export class TierManager {
         }));
         const classes: Record<string, number> = {};
         for (const device of devices) classes[device.class] = (classes[device.class] ?? 0) + device.bytes;
-        disks.push({
+        found.push({
           name: diskRecord.name,
           pool: entry.pool,
           priority: diskRecord.priority ?? "normal",
@@ -650,13 +660,13 @@ export class TierManager {
         });
       }
     }
-    if (disk !== undefined && disks.length === 0) {
+    if (disk !== undefined && found.length === 0) {
       throw new VdiskError("NOT_FOUND", `no vdisk-format disk named ${disk}`, {
         hint: "vdisk list shows the disks; tiering applies to vdisk-format disks",
       });
     }
-    disks.sort((a, b) => a.name.localeCompare(b.name));
-    return { pools, disks };
+    found.sort((a, b) => a.name.localeCompare(b.name));
+    return { pools, disks: found };
   }
 
   /** Stop the background passes (the daemon is stopping); a running pass stops after its current move. */

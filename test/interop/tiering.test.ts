@@ -11,7 +11,8 @@
  * - priority: on an emulated hdd shared by two disks, a realtime disk's reads submitted behind a backlog
  *   of a background disk's reads complete before most of that backlog; with both at normal priority they
  *   wait their turn (the control that shows the test can fail);
- * - pools survive a restart; bad pool commands fail with a clear error and change nothing.
+ * - pools survive a restart; bad pool commands fail with a clear error and change nothing;
+ * - the tiering families of GET /metrics carry the same figures as `vdisk tier status`.
  */
 import { after, before, test } from "node:test";
 import * as assert from "node:assert/strict";
@@ -103,6 +104,16 @@ function verifyExtents(disk: string, extents: number): void {
   assert.doesNotMatch(result.stdout, /Pattern verification failed/, "every extent reads back as written");
 }
 
+/** The value of one sample of GET /metrics (`name{labels}` exactly as exported), or undefined. */
+async function metric(series: string): Promise<number | undefined> {
+  const response = await fetch(`http://127.0.0.1:${daemon.httpPort}/metrics`);
+  assert.equal(response.status, 200);
+  for (const line of (await response.text()).split("\n")) {
+    if (line.startsWith(`${series} `)) return Number(line.slice(series.length + 1));
+  }
+  return undefined;
+}
+
 test("heat: the hot set moves to the ssd, by a pass and then by itself; nothing is lost", async () => {
   const ssdDir = daemon.file("ssd");
   ok(["pool", "create", "hy", "--class", "hdd"]);
@@ -129,6 +140,21 @@ test("heat: the hot set moves to the ssd, by a pass and then by itself; nothing 
   const pools = daemon.vdiskJson<{ pools: PoolInfo[] }>(["pool", "list"]).pools;
   const hy = pools.find((pool) => pool.name === "hy");
   assert.ok(hy && hy.devices.length === 2 && (hy.devices[1]?.usedBytes ?? 0) > 0);
+  // The same figures in Prometheus' families (refreshed at most once a second).
+  await new Promise((resolve) => setTimeout(resolve, 1100));
+  const onSsdBytes = await metric('vdisk_tier_disk_bytes{disk="web",pool="hy",class="ssd"}');
+  const onHddBytes = await metric('vdisk_tier_disk_bytes{disk="web",pool="hy",class="hdd"}');
+  assert.equal(onSsdBytes, web.classes.ssd, "per-class bytes in /metrics match tier status");
+  assert.equal((onSsdBytes ?? 0) + (onHddBytes ?? 0), extents * MiB);
+  assert.equal(await metric('vdisk_tier_device_capacity_bytes{pool="hy",device="1",class="ssd"}'), 8 * MiB);
+  assert.equal(
+    await metric('vdisk_tier_device_used_bytes{pool="hy",device="1",class="ssd"}'),
+    hy.devices[1]?.usedBytes,
+  );
+  assert.ok(((await metric('vdisk_tier_passes_total{pool="hy"}')) ?? 0) >= 1, "the pass is counted");
+  const migrated = (await metric('vdisk_tier_migrated_bytes_total{pool="hy"}')) ?? 0;
+  assert.ok(migrated >= hotSet.length * MiB, `migrated ${migrated} bytes`);
+  assert.equal(await metric('vdisk_tier_pool_info{pool="hy",policy="heat"}'), 1);
 
   // A new hot set, and no manual pass: the background pass moves it within two intervals.
   const newHot = [10, 20];
