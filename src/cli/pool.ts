@@ -3,6 +3,7 @@
  *
  *   vdisk pool create NAME [--class CLASS] [--emulate MODEL]
  *   vdisk pool add-device POOL PATH --class CLASS [--capacity SIZE] [--emulate MODEL]
+ *   vdisk pool set-device POOL DEVICE [--class CLASS] [--capacity SIZE|none]
  *   vdisk pool set POOL [--policy static|heat|profile] [--fast-class CLASS] [--migrate-rate SIZE]
  *   vdisk pool list
  *   vdisk tier status [DISK]
@@ -103,6 +104,29 @@ export function registerPools(program: Command, command: CommandFactory, handled
           if (options.capacity !== undefined) body.capacity = parseSize(options.capacity);
           if (options.emulate !== undefined) body.emulate = options.emulate;
           const result = await clientFor(options).post<PoolInfo>(`${poolPath(name)}/devices`, body);
+          output(options, result, poolText);
+        },
+      ),
+    );
+  command(pool, "set-device <pool> <device>", "change a pool device's class or capacity, live")
+    .option("--class <class>", "the device's new class")
+    .option("--capacity <size>", "bytes the pool may place on it, e.g. 200G, or none for no limit")
+    .action(
+      handled(
+        async (
+          name: string,
+          device: string,
+          options: CommonOptions & { class?: string; capacity?: string },
+        ) => {
+          const body: Record<string, unknown> = {};
+          if (options.class !== undefined) body.class = options.class;
+          if (options.capacity !== undefined) {
+            body.capacity = options.capacity === "none" ? null : parseSize(options.capacity);
+          }
+          const result = await clientFor(options).post<PoolInfo>(
+            `${poolPath(name)}/devices/${encodeURIComponent(device)}`,
+            body,
+          );
           output(options, result, poolText);
         },
       ),

@@ -26,6 +26,7 @@
  *   GET    /v1/pools                  {"pools":[pool...]} devices, classes, capacity, use, disks
  *   POST   /v1/pools                  {"name","class"?,"emulate"?} → 201 pool
  *   POST   /v1/pools/NAME/devices     {"path","class","capacity"?,"emulate"?} → 201 pool
+ *   POST   /v1/pools/NAME/devices/ID  {"class"?,"capacity"? (bytes, or null: no limit)} → pool
  *   POST   /v1/pools/NAME/settings    {"policy"?,"fastClass"?,"migrateBytesPerSecond"?} → pool
  *   GET    /v1/tier[?disk=NAME]       TierStatus (src/tier/tier-manager.ts): pools, devices, moves, disks
  *   POST   /v1/pools/NAME/tier/run    one placement pass now; its PassResult once its moves are done
@@ -239,6 +240,28 @@ function routes(ctx: ApiContext): Route[] {
             ...(emulate === undefined ? {} : { emulate }),
           }),
           201,
+        );
+      },
+    },
+    {
+      method: "POST",
+      pattern: /^\/v1\/pools\/([^/]+)\/devices\/([^/]+)$/,
+      handler: async ([pool, id], body) => {
+        if (!/^[0-9]{1,2}$/.test(id)) {
+          throw new VdiskError("INVALID_ARGUMENT", `"${id}" is not a device id`, {
+            hint: "device ids are the numbers vdisk pool list shows (0, 1, 2, ...)",
+          });
+        }
+        const cls = optionalString(body, "class");
+        const capacity =
+          body.capacity === undefined || body.capacity === null
+            ? body.capacity
+            : parseSizeValue(body.capacity, "capacity");
+        return ok(
+          await registry.poolSetDevice(pool, Number(id), {
+            ...(cls === undefined ? {} : { class: cls }),
+            ...(capacity === undefined ? {} : { capacity }),
+          }),
         );
       },
     },

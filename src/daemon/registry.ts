@@ -990,6 +990,54 @@ export class DiskRegistry implements ExportProvider {
     });
   }
 
+  /**
+   * Change device `id` of `pool`: its class, or its capacity (null: no limit). Placement uses the new
+   * values for the next write; a pass moves data off a fast-class device that is over its capacity.
+   * Device 0 holds the image files and takes what no other device has room for: it has no capacity.
+   */
+  poolSetDevice(
+    poolName: string,
+    id: number,
+    changes: { class?: string; capacity?: number | null },
+  ): Promise<PoolInfo> {
+    const cls = changes.class === undefined ? undefined : validateClass(changes.class);
+    const capacity = changes.capacity;
+    if (capacity !== undefined && capacity !== null && (!Number.isSafeInteger(capacity) || capacity < 0)) {
+      throw new VdiskError("INVALID_ARGUMENT", "the capacity must be a size in bytes", {
+        hint: "e.g. --capacity 20G, or --capacity none for no limit",
+      });
+    }
+    if (cls === undefined && capacity === undefined) {
+      throw new VdiskError("INVALID_ARGUMENT", "nothing to change", {
+        hint: "give --class CLASS and/or --capacity SIZE|none",
+      });
+    }
+    return this.exclusive(async () => {
+      const pool = this.poolRecord(poolName);
+      const device = pool.devices.find((candidate) => candidate.id === id);
+      if (!device) {
+        throw new VdiskError("NOT_FOUND", `pool ${poolName} has no device ${id}`, {
+          hint: `vdisk pool list shows the devices of ${poolName} and their ids`,
+        });
+      }
+      if (id === 0 && capacity !== undefined && capacity !== null) {
+        throw new VdiskError("INVALID_ARGUMENT", "device 0 cannot have a capacity", {
+          hint: "device 0 holds the image files and takes what no other device has room for",
+        });
+      }
+      const previous = { ...device };
+      if (cls !== undefined) device.class = cls;
+      if (capacity === null) delete device.capacity;
+      else if (capacity !== undefined) device.capacity = capacity;
+      this.savePools(() => {
+        for (const key of Object.keys(device)) delete (device as unknown as Record<string, unknown>)[key];
+        Object.assign(device, previous);
+      });
+      this.tier.refresh();
+      return this.poolInfo(poolName);
+    });
+  }
+
   /** Change a pool's policy, fast class or migration rate. */
   poolSet(
     poolName: string,

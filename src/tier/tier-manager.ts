@@ -516,12 +516,16 @@ export class TierManager {
       // Demote only what the promotions and pins need room for (beyond what is free), coldest first — and
       // everything on the fast class of a disk the profile policy does not want there. Demoting all data
       // outside the chosen set would churn: data placed by writes would be moved back at every pass.
+      // A fast device over its capacity (lowered by `pool set-device`) gives back the excess as well.
       let freeBlocks = 0;
+      let overBlocks = 0;
       for (const id of fast) {
         const capacity = state.capacityBlocks[id] ?? Infinity;
-        freeBlocks += Math.max(0, capacity - usedBlocks(state, id));
+        const used = usedBlocks(state, id);
+        freeBlocks += Math.max(0, capacity - used);
+        overBlocks += Math.max(0, used - capacity);
       }
-      let demoteBlocks = needBlocks - freeBlocks;
+      let demoteBlocks = Math.max(0, needBlocks - freeBlocks) + overBlocks;
       const demotable: Array<{ head: (typeof heads)[number]; start: number; end: number; heat: number }> = [];
       for (const head of heads) {
         const blocksPer = extentBlocks.get(head.name) as number;
@@ -553,17 +557,18 @@ export class TierManager {
     moves.sort((a, b) => order[a.kind] - order[b.kind]);
     state.queued = moves.length;
     const demoted = new Set<Image>();
+    // Blocks freed by demotions become free once a commit that no longer reaches them is durable.
+    const release = async (): Promise<void> => {
+      for (const image of demoted) {
+        await image.commit();
+        await image.commit();
+        await image.settle();
+      }
+      demoted.clear();
+    };
     for (const move of moves) {
       if (this.closed) break;
-      if (move.kind !== "demotions" && demoted.size > 0) {
-        // Blocks freed by the demotions become free once a commit that no longer reaches them is durable.
-        for (const image of demoted) {
-          await image.commit();
-          await image.commit();
-          await image.settle();
-        }
-        demoted.clear();
-      }
+      if (move.kind !== "demotions" && demoted.size > 0) await release();
       const device =
         move.device >= 0
           ? move.device
@@ -589,6 +594,8 @@ export class TierManager {
       if (bytes > 0 && move.kind === "demotions") demoted.add(move.image);
       if (bytes > 0) await sleep((bytes / record.migrateBytesPerSecond) * 1000);
     }
+    // A pass of demotions only (a lowered capacity, a disk gone sequential) leaves the room it made free.
+    if (!this.closed) await release();
     return this.finishPass(state, result, started);
   }
 

@@ -11,6 +11,8 @@
  * - priority: on an emulated hdd shared by two disks, a realtime disk's reads submitted behind a backlog
  *   of a background disk's reads complete before most of that backlog; with both at normal priority they
  *   wait their turn (the control that shows the test can fail);
+ * - set-device: a capacity lowered below what a fast device holds is given back by the next pass, and a
+ *   class change shows at once in where each disk's bytes are;
  * - pools survive a restart; bad pool commands fail with a clear error and change nothing;
  * - the tiering families of GET /metrics carry the same figures as `vdisk tier status`.
  */
@@ -270,6 +272,38 @@ test("priority: a realtime disk's requests pass a background backlog on a shared
   assert.ok(waited >= 32, `without priority they wait their turn (${waited} background reads first)`);
 });
 
+test("set-device: a lowered capacity is given back by the next pass; a class change applies live", async () => {
+  const hy = (): PoolInfo => {
+    const found = daemon
+      .vdiskJson<{ pools: PoolInfo[] }>(["pool", "list"])
+      .pools.find((p) => p.name === "hy");
+    assert.ok(found);
+    return found;
+  };
+  const ssdBytes = (): number => hy().devices[1]?.usedBytes ?? 0;
+  assert.ok(ssdBytes() > 2 * MiB, `the ssd holds ${ssdBytes()} bytes before`);
+  ok(["pool", "set-device", "hy", "1", "--capacity", "2M"]);
+  assert.equal(hy().devices[1]?.capacity, 2 * MiB);
+  // A background pass may be running with the old capacity: `tier run` then answers that one.
+  let demotions = 0;
+  for (let i = 0; i < 3 && ssdBytes() > 2 * MiB; i++) {
+    demotions += daemon.vdiskJson<PassResult>(["tier", "run", "hy"]).demotions;
+  }
+  assert.ok(ssdBytes() <= 2 * MiB, `the ssd holds ${ssdBytes()} bytes, within its new capacity`);
+  assert.ok(demotions > 0, "the excess was demoted");
+  verifyExtents("web", 48);
+
+  ok(["pool", "set-device", "hy", "1", "--class", "nvme", "--capacity", "none"]);
+  assert.equal(hy().devices[1]?.class, "nvme");
+  assert.equal(hy().devices[1]?.capacity, null);
+  const disks = daemon.vdiskJson<TierStatus>(["tier", "status"]).disks.filter((d) => d.pool === "hy");
+  const onNvme = disks.reduce((sum, d) => sum + (d.classes.nvme ?? 0), 0);
+  assert.equal(onNvme, ssdBytes(), "the device's bytes count under its new class");
+  assert.ok(onNvme > 0 && disks.every((d) => d.classes.ssd === undefined), "and none under the old one");
+  ok(["pool", "set-device", "hy", "1", "--class", "ssd", "--capacity", "8M"]);
+  assert.equal(hy().devices[1]?.class, "ssd");
+});
+
 test("pools survive a restart; bad pool commands say what is wrong and change nothing", async () => {
   await daemon.restart();
   const pools = daemon.vdiskJson<{ pools: PoolInfo[] }>(["pool", "list"]).pools;
@@ -290,6 +324,11 @@ test("pools survive a restart; bad pool commands say what is wrong and change no
     [["pool", "add-device", "hy", daemon.file("ssd"), "--class", "ssd"], /overlaps device/],
     [["pool", "add-device", "hy", daemon.file("y"), "--class", "SSD!"], /not a valid device class/],
     [["pool", "set", "hy", "--policy", "fastest"], /unknown placement policy/],
+    [["pool", "set-device", "hy", "7", "--class", "ssd"], /pool hy has no device 7/],
+    [["pool", "set-device", "hy", "0", "--capacity", "1G"], /device 0 cannot have a capacity/],
+    [["pool", "set-device", "hy", "1"], /nothing to change/],
+    [["pool", "set-device", "hy", "one", "--class", "ssd"], /is not a device id/],
+    [["pool", "set-device", "hy", "1", "--capacity", "lots"], /size|capacity/],
     [["pool", "add-device", "hy", "/dev/null", "--class", "ssd"], /is not a directory/],
     [["create", "z", "--size", "1M", "--pool", "nope"], /no pool named nope/],
     [["tier", "run", "nope"], /no pool named nope/],
