@@ -4,6 +4,7 @@
  *   vdisk pool create NAME [--class CLASS] [--emulate MODEL]
  *   vdisk pool add-device POOL PATH --class CLASS [--capacity SIZE] [--emulate MODEL]
  *   vdisk pool set-device POOL DEVICE [--class CLASS] [--capacity SIZE|none]
+ *   vdisk pool remove-device POOL DEVICE   moves the device's data to the others, then removes it
  *   vdisk pool set POOL [--policy static|heat|profile] [--fast-class CLASS] [--migrate-rate SIZE]
  *   vdisk pool list
  *   vdisk tier status [DISK]
@@ -131,6 +132,22 @@ export function registerPools(program: Command, command: CommandFactory, handled
         },
       ),
     );
+  command(
+    pool,
+    "remove-device <pool> <device>",
+    "move a device's data to the pool's others, then remove it, live",
+  ).action(
+    handled(async (name: string, device: string, options: CommonOptions) => {
+      const result = await clientFor(options).delete<PoolInfo & { movedBytes: number }>(
+        `${poolPath(name)}/devices/${encodeURIComponent(device)}`,
+      );
+      output(
+        options,
+        result,
+        (pool) => `moved ${formatSize(pool.movedBytes)}; device ${device} removed\n${poolText(pool)}`,
+      );
+    }),
+  );
   command(pool, "set <pool>", "change a pool's placement policy, fast class or migration rate, live")
     .option("--policy <policy>", `placement policy: ${poolPolicies.join(", ")}`)
     .option("--fast-class <class>", "the class the heat and profile policies fill first (default ssd)")

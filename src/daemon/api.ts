@@ -27,6 +27,7 @@
  *   POST   /v1/pools                  {"name","class"?,"emulate"?} → 201 pool
  *   POST   /v1/pools/NAME/devices     {"path","class","capacity"?,"emulate"?} → 201 pool
  *   POST   /v1/pools/NAME/devices/ID  {"class"?,"capacity"? (bytes, or null: no limit)} → pool
+ *   DELETE /v1/pools/NAME/devices/ID  move its data to the other devices, then remove it → pool + movedBytes
  *   POST   /v1/pools/NAME/settings    {"policy"?,"fastClass"?,"migrateBytesPerSecond"?} → pool
  *   GET    /v1/tier[?disk=NAME]       TierStatus (src/tier/tier-manager.ts): pools, devices, moves, disks
  *   POST   /v1/pools/NAME/tier/run    one placement pass now; its PassResult once its moves are done
@@ -244,21 +245,22 @@ function routes(ctx: ApiContext): Route[] {
       },
     },
     {
+      method: "DELETE",
+      pattern: /^\/v1\/pools\/([^/]+)\/devices\/([^/]+)$/,
+      handler: async ([pool, id]) => ok(await registry.poolRemoveDevice(pool, deviceId(id))),
+    },
+    {
       method: "POST",
       pattern: /^\/v1\/pools\/([^/]+)\/devices\/([^/]+)$/,
       handler: async ([pool, id], body) => {
-        if (!/^[0-9]{1,2}$/.test(id)) {
-          throw new VdiskError("INVALID_ARGUMENT", `"${id}" is not a device id`, {
-            hint: "device ids are the numbers vdisk pool list shows (0, 1, 2, ...)",
-          });
-        }
+        const device = deviceId(id);
         const cls = optionalString(body, "class");
         const capacity =
           body.capacity === undefined || body.capacity === null
             ? body.capacity
             : parseSizeValue(body.capacity, "capacity");
         return ok(
-          await registry.poolSetDevice(pool, Number(id), {
+          await registry.poolSetDevice(pool, device, {
             ...(cls === undefined ? {} : { class: cls }),
             ...(capacity === undefined ? {} : { capacity }),
           }),
@@ -323,6 +325,16 @@ function routes(ctx: ApiContext): Route[] {
 }
 
 // ---- Body fields ---------------------------------------------------------------------------------------
+
+/** A pool device id from a route. */
+function deviceId(text: string): number {
+  if (!/^[0-9]{1,2}$/.test(text)) {
+    throw new VdiskError("INVALID_ARGUMENT", `"${text}" is not a device id`, {
+      hint: "device ids are the numbers vdisk pool list shows (0, 1, 2, ...)",
+    });
+  }
+  return Number(text);
+}
 
 function field(body: Body, name: string): string {
   const value = body[name];

@@ -73,7 +73,7 @@ import {
   validatePriority,
 } from "../tier/pools";
 import { TierManager, type TierImage, type PoolTierStatus } from "../tier/tier-manager";
-import { DEVICES_MAX } from "../image/format";
+import { BLOCK_BYTES, DEVICES_MAX } from "../image/format";
 
 /** A pool as `vdisk pool list` shows it. */
 export interface PoolInfo extends PoolTierStatus {
@@ -280,6 +280,8 @@ export class DiskRegistry implements ExportProvider {
   private readonly disks = new Map<string, OpenDisk>();
   /** Open vdisk images by relative file. */
   private readonly images = new Map<string, OpenImage>();
+  /** Pool devices being emptied by poolRemoveDevice ("pool/id"). */
+  private readonly removingDevices = new Set<string>();
   private mutations: Promise<unknown> = Promise.resolve();
   private disconnector: ExportDisconnector | null = null;
   /** Pools by name; the default pool is always there. */
@@ -1036,6 +1038,75 @@ export class DiskRegistry implements ExportProvider {
       this.tier.refresh();
       return this.poolInfo(poolName);
     });
+  }
+
+  /**
+   * Remove device `id` (≥ 1) of `pool`, live: nothing is placed there any more, every disk's data on it
+   * is moved to the pool's other devices (TierManager.evacuate: same class with room, else device 0, paced
+   * by the pool's migration rate), and once no block is left the device leaves the pool and its files are
+   * deleted. Refused when snapshots share data on it (that data cannot move); then nothing changes but
+   * where the movable data is.
+   */
+  async poolRemoveDevice(poolName: string, id: number): Promise<PoolInfo & { movedBytes: number }> {
+    const pool = this.poolRecord(poolName);
+    const device = pool.devices.find((candidate) => candidate.id === id);
+    if (!device) {
+      throw new VdiskError("NOT_FOUND", `pool ${poolName} has no device ${id}`, {
+        hint: `vdisk pool list shows the devices of ${poolName} and their ids`,
+      });
+    }
+    if (id === 0) {
+      throw new VdiskError("INVALID_ARGUMENT", "device 0 cannot be removed", {
+        hint: "device 0 is the pool's own directory in the home: it holds the image files",
+      });
+    }
+    const key = `${poolName}/${id}`;
+    if (this.removingDevices.has(key)) {
+      throw new VdiskError("DISK_BUSY", `device ${id} of pool ${poolName} is already being removed`, {
+        hint: "wait for the running remove-device to finish (vdisk tier status shows what is moving)",
+      });
+    }
+    this.removingDevices.add(key);
+    let removed = false;
+    try {
+      const evacuation = await this.tier.evacuate(poolName, id);
+      return await this.exclusive(async () => {
+        const images = [...this.images.values()].filter((open) => open.pool === poolName);
+        let remaining = 0;
+        for (const open of images) remaining += open.image.usedBlocks(id) * BLOCK_BYTES;
+        if (remaining > 0) {
+          const holders = evacuation.holders.map((h) => `${h.layer} (${formatSize(h.bytes)})`).join(", ");
+          throw new VdiskError(
+            "DISK_BUSY",
+            `device ${id} of pool ${poolName} still holds ${formatSize(remaining)} that cannot move` +
+              (holders === "" ? "" : `: data of ${holders}`),
+            {
+              hint:
+                "data a snapshot shares stays where it was written: delete those snapshots " +
+                "(vdisk snapshot delete DISK SNAP), then run remove-device again",
+            },
+          );
+        }
+        const index = pool.devices.indexOf(device);
+        pool.devices.splice(index, 1);
+        this.savePools(() => pool.devices.splice(index, 0, device));
+        removed = true;
+        for (const open of images) {
+          const file = open.image.detachDevice(id);
+          open.image.placement = this.placementFor(poolName);
+          this.tier.trackHandles(open.file, open.backing.devices);
+          await closeAsync(file).catch((err: unknown) =>
+            this.log(`closing ${open.file} on ${device.path}: ${String(err)}`),
+          );
+          fs.rmSync(this.tierFilePath(device, open.file), { force: true });
+        }
+        this.tier.forgetDevice(poolName, id);
+        return { ...(await this.poolInfo(poolName)), movedBytes: evacuation.bytesMoved };
+      });
+    } finally {
+      if (!removed) this.tier.undrain(poolName, id);
+      this.removingDevices.delete(key);
+    }
   }
 
   /** Change a pool's policy, fast class or migration rate. */

@@ -357,6 +357,20 @@ export class Image {
     this.spaces[device] = this.freshSpace(device);
   }
 
+  /**
+   * Stop using device `device` (d ≥ 1): its pool is losing it. Nothing may be allocated there any more —
+   * no data, and no freed block still waiting for a commit or a punch (both count in `usedBlocks`) — which
+   * the caller ensures by moving the data off, keeping new allocations away (ImagePlacement.hasRoom) and
+   * committing. Returns the device's file, for the caller to close.
+   */
+  detachDevice(device: number): BlockDevice {
+    assert(this.tiered !== null && device >= 1, "only an added device is detached");
+    assert(this.spaces[device] !== undefined, `device ${device} is attached`);
+    assert(this.usedBlocks(device) === 0, `device ${device} holds no blocks`);
+    this.spaces[device] = undefined;
+    return this.tiered.detach(device);
+  }
+
   /** Free space of device 0: index nodes, the layer table and untiered data. */
   get space(): FreeSpace {
     return this.spaces[0] as FreeSpace;

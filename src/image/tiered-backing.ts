@@ -54,6 +54,14 @@ export class TieredBacking implements BlockDevice {
     this.list[index] = device;
   }
 
+  /** Remove device `index` (its pool lost it; the image holds nothing there) and return it to close. */
+  detach(index: number): BlockDevice {
+    const device = this.list[index];
+    assert(index >= 1 && device !== undefined, `device ${index} is attached`);
+    this.list[index] = undefined;
+    return device;
+  }
+
   private get primary(): BlockDevice {
     return this.list[0] as BlockDevice;
   }

@@ -23,13 +23,17 @@
  *   enforced by every pass, and a pinned range is never moved by a policy. Each move is one heat extent
  *   through Image.migrate (copy to new blocks, switch the index entry, free the old blocks once the next
  *   commit is durable: crash-safe), one at a time, paced to the pool's migrateBytesPerSecond.
+ * - Removing a device (`evacuate`, for `vdisk pool remove-device`): the device is marked draining (no
+ *   class lists it, its capacity counts as 0, so neither writes nor passes place data there), every
+ *   head's data on it is migrated to its class's other devices or device 0, and every image commits so
+ *   the old blocks are freed; what snapshots share cannot move and is reported by layer.
  * Priority also orders dispatch: every file on an emulated device goes through that device's queue
  * (src/devices/physical-device.ts) with the highest priority among its image's disks.
  *
  * Invariants: at most one pass per pool at a time; a move never spans a heat extent; pinned ranges are
  * only moved towards their pin.
  */
-import { VdiskError } from "../errors";
+import { VdiskError, assert } from "../errors";
 import type { BlockDevice } from "../devices/block-device";
 import { parseLatencyModel } from "../devices/latency-device";
 import {
@@ -40,7 +44,7 @@ import {
 } from "../devices/physical-device";
 import { BLOCK_BYTES, deviceOfBlock } from "../image/format";
 import type { Image, ImagePlacement, Layer } from "../image/image";
-import { placementStrict } from "../image/image";
+import { migrateBlocksMax, placementStrict } from "../image/image";
 import type { TieredBacking } from "../image/tiered-backing";
 import type { DiskRecord } from "../daemon/catalog";
 import type { DiskHeatView } from "../monitor/heat";
@@ -54,6 +58,8 @@ export const passIntervalMs = 10_000;
 export const fastFillFraction = 0.9;
 /** Hottest extents considered per disk per pass. */
 export const heatCandidatesMax = 65_536;
+/** Rounds of moving and committing `evacuate` makes before it reports what is left. */
+const evacuateRoundsMax = 4;
 /** Modelled size of an emulated device without a capacity (hdd seek distances are fractions of it). */
 export const emulatedModelBytesDefault = 1024 ** 4;
 
@@ -127,6 +133,15 @@ export interface TierStatus {
   disks: DiskTierStatus[];
 }
 
+/** What `evacuate` did, and what it could not move. */
+export interface Evacuation {
+  bytesMoved: number;
+  /** Blocks still in use on the device, in bytes (0: it can be removed). */
+  remainingBytes: number;
+  /** The layers whose view still maps data there (`DISK` or `DISK@SNAP`), when some is left. */
+  holders: Array<{ layer: string; bytes: number }>;
+}
+
 interface DiskState {
   pool: string;
   pins: DiskPin[];
@@ -140,8 +155,10 @@ interface PoolState {
   placement: PoolPlacement;
   /** Device ids by class. */
   byClass: Map<string, number[]>;
-  /** Capacity in blocks by device id (Infinity: none). */
+  /** Capacity in blocks by device id (Infinity: none; 0 while draining). */
   capacityBlocks: number[];
+  /** Devices being emptied for removal (`evacuate`): no class lists them and nothing is placed there. */
+  draining: Set<number>;
   images: Image[];
   running: Promise<PassResult> | null;
   queued: number;
@@ -237,6 +254,10 @@ export class TierManager {
       state.byClass = new Map();
       state.capacityBlocks = [];
       for (const device of record.devices) {
+        if (state.draining.has(device.id)) {
+          state.capacityBlocks[device.id] = 0;
+          continue;
+        }
         const list = state.byClass.get(device.class) ?? [];
         list.push(device.id);
         state.byClass.set(device.class, list);
@@ -280,6 +301,7 @@ export class TierManager {
         placement: new PoolPlacement(this, pool),
         byClass: new Map(),
         capacityBlocks: [],
+        draining: new Set(),
         images: [],
         running: null,
         queued: 0,
@@ -352,7 +374,11 @@ export class TierManager {
   /** A device outside the fast class with room (device 0 first), or -1. */
   private slowDevice(state: PoolState, blocks: number): number {
     for (const device of state.record.devices) {
-      if (device.class !== state.record.fastClass && this.hasRoom(state.record.name, device.id, blocks))
+      if (
+        device.class !== state.record.fastClass &&
+        !state.draining.has(device.id) &&
+        this.hasRoom(state.record.name, device.id, blocks)
+      )
         return device.id;
     }
     return -1;
@@ -608,6 +634,92 @@ export class TierManager {
 
   private extentBytes(disk: string): number {
     return this.heatSource?.heat(disk)?.extentBytes ?? 1024 * 1024;
+  }
+
+  // ---- Removing a device ----------------------------------------------------------------------------
+
+  /**
+   * Empty device `device` of `pool` for its removal: from now on nothing is placed there, and the data of
+   * every disk on it is moved (Image.migrate, paced like a pass) to another device of its class with
+   * room, else to device 0; then every image of the pool commits, so the old blocks are freed. Data that
+   * snapshots share cannot move (it would be duplicated): what is left is reported, by layer, and the
+   * device stays draining until `undrain` or `forgetDevice`.
+   */
+  async evacuate(pool: string, device: number): Promise<Evacuation> {
+    const state = this.state(pool);
+    const cls = state.record.devices.find((candidate) => candidate.id === device)?.class;
+    assert(device >= 1 && cls !== undefined, "an added device of the pool");
+    state.draining.add(device);
+    this.refresh();
+    const result: Evacuation = { bytesMoved: 0, remainingBytes: 0, holders: [] };
+    for (let round = 0; round < evacuateRoundsMax && !this.closed; round++) {
+      let moved = 0;
+      const images = this.options.images().filter((image) => image.pool === pool);
+      for (const entry of images) {
+        for (const { record } of entry.disks) {
+          const layer = entry.image.head(record.name);
+          if (!layer) continue;
+          const runs: Array<{ block: number; count: number }> = [];
+          await entry.image.scanData(layer, (run) => {
+            if (deviceOfBlock(run.address) === device) runs.push({ block: run.block, count: run.count });
+          });
+          for (const run of runs) {
+            for (
+              let start = run.block;
+              start < run.block + run.count && !this.closed;
+              start += migrateBlocksMax
+            ) {
+              const end = Math.min(run.block + run.count, start + migrateBlocksMax);
+              const target = Math.max(0, this.deviceWithRoom(state, cls, end - start));
+              state.current = `${layer.name} ${start * BLOCK_BYTES}+${(end - start) * BLOCK_BYTES} → device ${target} (removing device ${device})`;
+              const bytes = (await entry.image.migrate(layer, start, end, target)).movedBlocks * BLOCK_BYTES;
+              moved += bytes;
+              state.migratedBytes += bytes;
+              if (bytes > 0) await sleep((bytes / state.record.migrateBytesPerSecond) * 1000);
+            }
+          }
+        }
+        // The old blocks are freed once a commit that no longer reaches them is durable.
+        await entry.image.commit();
+        await entry.image.commit();
+        await entry.image.settle();
+      }
+      state.current = null;
+      result.bytesMoved += moved;
+      let remaining = 0;
+      for (const entry of images) remaining += entry.image.usedBlocks(device);
+      result.remainingBytes = remaining * BLOCK_BYTES;
+      if (remaining === 0) return result;
+      // Nothing moved: what is left is shared with snapshots, or freed blocks an older request still
+      // reads (released after the next commit). One more round tells them apart.
+      if (moved === 0 && round > 0) break;
+    }
+    for (const entry of this.options.images().filter((image) => image.pool === pool)) {
+      for (const layer of entry.image.layers.values()) {
+        let bytes = 0;
+        await entry.image.scanData(layer, (run) => {
+          if (deviceOfBlock(run.address) === device) bytes += run.count * BLOCK_BYTES;
+        });
+        if (bytes > 0) {
+          const name = layer.kind === "snapshot" ? `${layer.disk}@${layer.name}` : layer.disk;
+          result.holders.push({ layer: name, bytes });
+        }
+      }
+    }
+    return result;
+  }
+
+  /** Place data on a draining device again (its removal was refused). */
+  undrain(pool: string, device: number): void {
+    this.state(pool).draining.delete(device);
+    this.refresh();
+  }
+
+  /** Device `device` left `pool` (after `evacuate`): forget its draining mark and its emulation. */
+  forgetDevice(pool: string, device: number): void {
+    this.state(pool).draining.delete(device);
+    this.physical.delete(`${pool}/${device}`);
+    this.refresh();
   }
 
   // ---- Status --------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@
  *   wait their turn (the control that shows the test can fail);
  * - set-device: a capacity lowered below what a fast device holds is given back by the next pass, and a
  *   class change shows at once in where each disk's bytes are;
+ * - remove-device: refused, naming the snapshot, while a snapshot shares data on the device; once it is
+ *   gone, the device's data moves to device 0 while a client rewrites it, and the device leaves the pool;
  * - pools survive a restart; bad pool commands fail with a clear error and change nothing;
  * - the tiering families of GET /metrics carry the same figures as `vdisk tier status`.
  */
@@ -99,9 +101,13 @@ function extentsIn(file: string, extents: number): Set<number> {
   return found;
 }
 
-function verifyExtents(disk: string, extents: number): void {
-  const commands = Array.from({ length: extents }, (_, e) => ["-c", `read -P ${e + 1} ${e * MiB} 1M`]).flat();
-  const result = run("qemu-io", ["-f", "raw", ...commands, daemon.unixUri(disk)]);
+/** Every extent e of `disk` holds byte `base + e` (base 1: as fillExtents wrote it). */
+function verifyExtents(disk: string, extents: number, base = 1): void {
+  const commands = Array.from({ length: extents }, (_, e) => [
+    "-c",
+    `read -P ${base + e} ${e * MiB} 1M`,
+  ]).flat();
+  const result = run("qemu-io", ["-r", "-f", "raw", ...commands, daemon.unixUri(disk)]);
   assert.equal(result.status, 0, describeRun("qemu-io", [disk], result));
   assert.doesNotMatch(result.stdout, /Pattern verification failed/, "every extent reads back as written");
 }
@@ -304,6 +310,64 @@ test("set-device: a lowered capacity is given back by the next pass; a class cha
   assert.equal(hy().devices[1]?.class, "ssd");
 });
 
+test("remove-device: refused while a snapshot shares data there; then its data moves off while written", async () => {
+  const ssdDir = daemon.file("rm-ssd");
+  ok(["pool", "create", "rm", "--class", "hdd"]);
+  ok(["pool", "add-device", "rm", ssdDir, "--class", "ssd"]);
+  ok(["pool", "set", "rm", "--migrate-rate", "8M"]);
+  ok(["create", "a", "--size", "16M", "--pool", "rm"]);
+  ok(["set", "a", "--pin", "ssd"]);
+  const extents = 16;
+  await fillExtents("a", extents);
+  const ssdFile = `${ssdDir}/a.vdisk`;
+  assert.equal(extentsIn(ssdFile, extents).size, extents, "the pinned disk's data is on the ssd");
+
+  // A snapshot shares every block; rewriting half gives the head data of its own there.
+  ok(["snapshot", "create", "a", "s1"]);
+  await fillExtents("a", extents / 2);
+  const refused = daemon.vdisk(["pool", "remove-device", "rm", "1"]);
+  assert.notEqual(refused.status, 0, "refused while a@s1 shares data on the device");
+  assert.match(refused.stderr, /still holds .*a@s1/);
+  assert.match(refused.stderr, /delete those snapshots/);
+  const still = daemon.vdiskJson<{ pools: PoolInfo[] }>(["pool", "list"]).pools.find((p) => p.name === "rm");
+  assert.equal(still?.devices.length, 2, "the device stays in the pool");
+  assert.ok(fs.existsSync(ssdFile));
+  verifyExtents("a", extents);
+  verifyExtents("a@s1", extents);
+
+  ok(["snapshot", "delete", "a", "s1"]);
+  // Remove it while a client rewrites every extent with new bytes; nothing may be lost.
+  const nbd = await client("a");
+  let removal: Promise<{ status: number; data: unknown }> | null = null;
+  try {
+    removal = daemon.apiRequest("DELETE", "pools/rm/devices/1");
+    for (let round = 0; round < 3; round++) {
+      for (let e = 0; e < extents; e++) await nbd.writeAsync(e * MiB, Buffer.alloc(MiB, 100 + e));
+    }
+    await nbd.flushAsync();
+  } finally {
+    await nbd.close();
+  }
+  const reply = await removal;
+  assert.equal(reply.status, 200, JSON.stringify(reply.data));
+  const after = reply.data as PoolInfo & { movedBytes: number };
+  assert.deepEqual(
+    after.devices.map((d) => d.id),
+    [0],
+  );
+  assert.ok(after.movedBytes > 0, `moved ${after.movedBytes} bytes`);
+  assert.ok(!fs.existsSync(ssdFile), "the image's file on the removed device is deleted");
+  verifyExtents("a", extents, 100);
+  assert.match(ok(["check", "a"]), /clean/);
+  const status = daemon.vdiskJson<TierStatus>(["tier", "status", "a"]);
+  assert.deepEqual(status.disks[0]?.classes, { hdd: extents * MiB }, "all of it on device 0");
+  // Writes keep working; a device added again (reusing id 1) starts empty and is used.
+  ok(["pool", "add-device", "rm", ssdDir, "--class", "ssd"]);
+  await fillExtents("a", 2);
+  assert.equal(extentsIn(ssdFile, extents).size, 2, "pinned writes go to the new ssd device");
+  verifyExtents("a", 2);
+});
+
 test("pools survive a restart; bad pool commands say what is wrong and change nothing", async () => {
   await daemon.restart();
   const pools = daemon.vdiskJson<{ pools: PoolInfo[] }>(["pool", "list"]).pools;
@@ -314,6 +378,7 @@ test("pools survive a restart; bad pool commands say what is wrong and change no
       ["hy", "heat", ["hdd", "ssd"]],
       ["pp", "profile", ["hdd", "ssd"]],
       ["slow", "static", ["hdd"]],
+      ["rm", "static", ["hdd", "ssd"]],
     ],
   );
   verifyExtents("web", 48);
@@ -329,6 +394,9 @@ test("pools survive a restart; bad pool commands say what is wrong and change no
     [["pool", "set-device", "hy", "1"], /nothing to change/],
     [["pool", "set-device", "hy", "one", "--class", "ssd"], /is not a device id/],
     [["pool", "set-device", "hy", "1", "--capacity", "lots"], /size|capacity/],
+    [["pool", "remove-device", "hy", "0"], /device 0 cannot be removed/],
+    [["pool", "remove-device", "hy", "9"], /pool hy has no device 9/],
+    [["pool", "remove-device", "nope", "1"], /no pool named nope/],
     [["pool", "add-device", "hy", "/dev/null", "--class", "ssd"], /is not a directory/],
     [["create", "z", "--size", "1M", "--pool", "nope"], /no pool named nope/],
     [["tier", "run", "nope"], /no pool named nope/],
