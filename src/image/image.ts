@@ -265,6 +265,8 @@ export class Image {
   placement: ImagePlacement | null = null;
   /** Blocks copied to another device by `migrate`. */
   migratedBlocks = 0;
+  /** Calls of `apply` (every change of a head's mapping): unchanged means no layer's data moved. */
+  mappingChanges = 0;
   private sequence = 0;
   private nextLayerId = 1;
   private layerTableAddress = -1;
@@ -1579,6 +1581,7 @@ export class Image {
    */
   apply(layer: Layer, start: number, end: number, type: UnitTypeValue, address: number): void {
     this.assertWritable();
+    this.mappingChanges++;
     assert(
       start >= 0 && start < end && end <= unitSpanBlocks(layer.rootLevel + 1),
       "apply range inside the root",

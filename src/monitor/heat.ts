@@ -63,9 +63,13 @@ export interface DiskHeatView {
   total(): number;
   /** The decayed workload profile. */
   profile(): ProfileStats;
+  /** Reads and writes recorded so far: unchanged means nothing happened to the heat but decay. */
+  readonly recorded: number;
 }
 
 export class DiskHeat {
+  /** Calls of `record`. */
+  recorded = 0;
   extentBytes: number;
   extentCount: number;
   /** 1 / extentBytes, exact (a power of two): extent = floor(offset · it). */
@@ -137,6 +141,7 @@ export class DiskHeat {
    * beyond the covered bytes is ignored (call `grow` first when the disk got larger).
    */
   record(offset: number, length: number, profileClass: number, nowMs: number): void {
+    this.recorded++;
     const w = this.weight(nowMs);
     this.profileScaled[profileClass] = (this.profileScaled[profileClass] as number) + w;
     if (length <= 0) return;

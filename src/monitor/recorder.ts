@@ -382,6 +382,9 @@ export class StatsRecorder {
       get extentCount() {
         return heat.extentCount;
       },
+      get recorded() {
+        return heat.recorded;
+      },
       halfLifeSeconds: heat.halfLifeSeconds,
       hottest: (count) => heat.hottest(count, clock()),
       rangeHeat: (offset, length) => heat.rangeHeat(offset, length, clock()),

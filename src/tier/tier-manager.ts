@@ -14,7 +14,8 @@
  *              disk's writes go to the fast class while it has room
  *   Capacity: a device with a capacity takes an allocation only while the blocks the pool's images use on
  *   it stay within it (Image.usedBlocks, summed); otherwise the image falls back to device 0.
- * - Migration passes (`run`, and every `passIntervalMs` for pools that need them): for heat, every disk's
+ * - Migration passes (`run`, and every `passIntervalMs` for pools that need them, unless the last pass
+ *   moved nothing and no request, mapping change or setting came since): for heat, every disk's
  *   hottest extents (the monitor's heat, src/monitor/heat.ts) ranked by priority (realtime first), then
  *   heat, are taken until the fast class's capacity (× fastFillFraction) is spent; data on the fast class
  *   outside that set is demoted as far as the promotions need room, coldest first, then the set is
@@ -125,6 +126,8 @@ export interface PoolTierStatus {
   migratedBytes: number;
   /** Passes finished since the daemon started. */
   passes: number;
+  /** Background passes skipped: the last one moved nothing and nothing happened since. */
+  idleSkips: number;
   lastPass: (PassResult & { at: string }) | null;
 }
 
@@ -166,6 +169,11 @@ interface PoolState {
   migratedBytes: number;
   passes: number;
   lastPass: (PassResult & { at: string }) | null;
+  /** `signature` when the last pass started, and background passes skipped because it had not changed. */
+  lastSignature: string | null;
+  idleSkips: number;
+  /** Incremented by every `refresh` (a change of pools, disks or settings). */
+  generation: number;
   timer: NodeJS.Timeout | null;
 }
 
@@ -251,6 +259,7 @@ export class TierManager {
     for (const record of pools) {
       const state = this.state(record.name);
       state.record = record;
+      state.generation++;
       state.byClass = new Map();
       state.capacityBlocks = [];
       for (const device of record.devices) {
@@ -309,6 +318,9 @@ export class TierManager {
         migratedBytes: 0,
         passes: 0,
         lastPass: null,
+        lastSignature: null,
+        idleSkips: 0,
+        generation: 0,
         timer: null,
       };
       this.states.set(pool, state);
@@ -393,7 +405,20 @@ export class TierManager {
         [...this.disks.values()].some((disk) => disk.pool === state.record.name && disk.pins.length > 0));
     if (moves && state.timer === null && !this.closed) {
       state.timer = setInterval(() => {
-        if (state.running === null) this.run(state.record.name).catch(() => undefined);
+        if (state.running !== null) return;
+        // A pass that moved nothing, with no request, mapping change or setting since it started, would
+        // find the same and move nothing again — but it would map every disk (reading back evicted
+        // index leaves): skip it.
+        const last = state.lastPass;
+        if (
+          last !== null &&
+          last.promotions + last.demotions + last.pinMoves === 0 &&
+          state.lastSignature === this.signature(state)
+        ) {
+          state.idleSkips++;
+          return;
+        }
+        this.run(state.record.name).catch(() => undefined);
       }, passIntervalMs);
       state.timer.unref();
     } else if (!moves && state.timer !== null) {
@@ -415,8 +440,25 @@ export class TierManager {
     return running;
   }
 
+  /**
+   * What a pass of `state` depends on besides time: settings, the images' mappings, the disks' requests,
+   * the blocks in use on each device (frees and punches make room).
+   */
+  private signature(state: PoolState): string {
+    let changes = 0;
+    let recorded = 0;
+    let used = 0;
+    for (const image of state.images) changes += image.mappingChanges;
+    for (const device of state.record.devices) used += usedBlocks(state, device.id);
+    for (const [name, disk] of this.disks) {
+      if (disk.pool === state.record.name) recorded += this.heatSource?.heat(name)?.recorded ?? 0;
+    }
+    return `${state.generation}/${changes}/${recorded}/${used}`;
+  }
+
   private async pass(state: PoolState): Promise<PassResult> {
     const started = Date.now();
+    state.lastSignature = this.signature(state);
     const record = state.record;
     const result: PassResult = {
       pool: record.name,
@@ -750,6 +792,7 @@ export class TierManager {
         moving: { running: state.running !== null, queued: state.queued, current: state.current },
         migratedBytes: state.migratedBytes,
         passes: state.passes,
+        idleSkips: state.idleSkips,
         lastPass: state.lastPass,
       });
     }

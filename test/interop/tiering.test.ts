@@ -4,7 +4,8 @@
  *
  * - heat: a hot set of extents, read far more than the rest, ends up in the ssd device's file after a pass
  *   (`vdisk tier run`), and a new hot set moves there by itself within a bounded time (the background
- *   pass); every byte reads back as written (qemu-io);
+ *   pass); every byte reads back as written (qemu-io); once nothing moves and nothing happens, background
+ *   passes are skipped;
  * - pins: a disk pinned to hdd never has a byte on the ssd however hot it is; one pinned to ssd is moved
  *   there whole;
  * - profile: small random writes land on the ssd, large sequential ones on the hdd;
@@ -178,6 +179,30 @@ test("heat: the hot set moves to the ssd, by a pass and then by itself; nothing 
   verifyExtents("web", extents);
   const check = ok(["check", "web"]);
   assert.match(check, /clean/);
+
+  // Idle: once a pass moved nothing and no request came since, background passes are skipped (a pass
+  // maps every disk of the pool).
+  const hyStatus = (): TierStatus["pools"][number] => {
+    const found = daemon.vdiskJson<TierStatus>(["tier", "status"]).pools.find((pool) => pool.name === "hy");
+    assert.ok(found);
+    return found;
+  };
+  const idleDeadline = Date.now() + 4 * passIntervalMs + 5000;
+  let firstSkip: { passes: number; idleSkips: number } | null = null;
+  let current = hyStatus();
+  while (current.idleSkips < (firstSkip?.idleSkips ?? 0) + 1 || firstSkip === null) {
+    assert.ok(
+      Date.now() < idleDeadline,
+      `background passes were skipped when idle (${JSON.stringify(current)})`,
+    );
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    current = hyStatus();
+    if (firstSkip === null && current.idleSkips > 0)
+      firstSkip = { passes: current.passes, idleSkips: current.idleSkips };
+  }
+  assert.ok(firstSkip);
+  assert.equal(current.passes, firstSkip.passes, "no pass ran between two idle skips");
+  assert.equal((current.lastPass?.promotions ?? 0) + (current.lastPass?.demotions ?? 0), 0);
 });
 
 test("pins: a disk pinned to hdd never moves; one pinned to ssd moves there whole", async () => {
