@@ -605,7 +605,7 @@ function tierFamilies(): Family[] {
     ),
     pool(
       "vdisk_tier_migrated_bytes_total",
-      "Bytes moved between the pool's devices by placement passes.",
+      "Bytes moved between the pool's devices by placement passes and device removals.",
       "counter",
       (p) => p.migratedBytes,
     ),
