@@ -62,6 +62,7 @@ export function tierText(status: TierStatus): string {
         ["pool", `${pool.name} (${pool.policy}, fast class ${pool.fastClass})`],
         ["moving", moving],
         ["last pass", last],
+        ["passes", `${pool.passes} run, ${pool.idleSkips} skipped (nothing had changed)`],
         ["moved", formatSize(pool.migratedBytes)],
       ]),
     );
