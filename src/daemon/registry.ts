@@ -992,6 +992,18 @@ export class DiskRegistry implements ExportProvider {
     });
   }
 
+  /** Pool `poolName` and its device `id` (NOT_FOUND for either). */
+  private poolDevice(poolName: string, id: number): [PoolRecord, PoolDevice] {
+    const pool = this.poolRecord(poolName);
+    const device = pool.devices.find((candidate) => candidate.id === id);
+    if (!device) {
+      throw new VdiskError("NOT_FOUND", `pool ${poolName} has no device ${id}`, {
+        hint: `vdisk pool list shows the devices of ${poolName} and their ids`,
+      });
+    }
+    return [pool, device];
+  }
+
   /**
    * Change device `id` of `pool`: its class, or its capacity (null: no limit). Placement uses the new
    * values for the next write; a pass moves data off a fast-class device that is over its capacity.
@@ -1015,13 +1027,7 @@ export class DiskRegistry implements ExportProvider {
       });
     }
     return this.exclusive(async () => {
-      const pool = this.poolRecord(poolName);
-      const device = pool.devices.find((candidate) => candidate.id === id);
-      if (!device) {
-        throw new VdiskError("NOT_FOUND", `pool ${poolName} has no device ${id}`, {
-          hint: `vdisk pool list shows the devices of ${poolName} and their ids`,
-        });
-      }
+      const [, device] = this.poolDevice(poolName, id);
       if (id === 0 && capacity !== undefined && capacity !== null) {
         throw new VdiskError("INVALID_ARGUMENT", "device 0 cannot have a capacity", {
           hint: "device 0 holds the image files and takes what no other device has room for",
@@ -1048,13 +1054,7 @@ export class DiskRegistry implements ExportProvider {
    * where the movable data is.
    */
   async poolRemoveDevice(poolName: string, id: number): Promise<PoolInfo & { movedBytes: number }> {
-    const pool = this.poolRecord(poolName);
-    const device = pool.devices.find((candidate) => candidate.id === id);
-    if (!device) {
-      throw new VdiskError("NOT_FOUND", `pool ${poolName} has no device ${id}`, {
-        hint: `vdisk pool list shows the devices of ${poolName} and their ids`,
-      });
-    }
+    const [pool, device] = this.poolDevice(poolName, id);
     if (id === 0) {
       throw new VdiskError("INVALID_ARGUMENT", "device 0 cannot be removed", {
         hint: "device 0 is the pool's own directory in the home: it holds the image files",

@@ -386,11 +386,8 @@ export class TierManager {
   /** A device outside the fast class with room (device 0 first), or -1. */
   private slowDevice(state: PoolState, blocks: number): number {
     for (const device of state.record.devices) {
-      if (
-        device.class !== state.record.fastClass &&
-        !state.draining.has(device.id) &&
-        this.hasRoom(state.record.name, device.id, blocks)
-      )
+      // A draining device has capacity 0, so hasRoom keeps it out too.
+      if (device.class !== state.record.fastClass && this.hasRoom(state.record.name, device.id, blocks))
         return device.id;
     }
     return -1;
@@ -625,13 +622,8 @@ export class TierManager {
     moves.sort((a, b) => order[a.kind] - order[b.kind]);
     state.queued = moves.length;
     const demoted = new Set<Image>();
-    // Blocks freed by demotions become free once a commit that no longer reaches them is durable.
     const release = async (): Promise<void> => {
-      for (const image of demoted) {
-        await image.commit();
-        await image.commit();
-        await image.settle();
-      }
+      for (const image of demoted) await releaseFreed(image);
       demoted.clear();
     };
     for (const move of moves) {
@@ -721,10 +713,7 @@ export class TierManager {
             }
           }
         }
-        // The old blocks are freed once a commit that no longer reaches them is durable.
-        await entry.image.commit();
-        await entry.image.commit();
-        await entry.image.settle();
+        await releaseFreed(entry.image);
       }
       state.current = null;
       result.bytesMoved += moved;
@@ -738,10 +727,7 @@ export class TierManager {
     }
     for (const entry of this.options.images().filter((image) => image.pool === pool)) {
       for (const layer of entry.image.layers.values()) {
-        let bytes = 0;
-        await entry.image.scanData(layer, (run) => {
-          if (deviceOfBlock(run.address) === device) bytes += run.count * BLOCK_BYTES;
-        });
+        const bytes = (await entry.image.layerDeviceBytes(layer))[device] ?? 0;
         if (bytes > 0) {
           const name = layer.kind === "snapshot" ? `${layer.disk}@${layer.name}` : layer.disk;
           result.holders.push({ layer: name, bytes });
@@ -847,6 +833,16 @@ function usedBlocks(state: PoolState, device: number): number {
   let used = 0;
   for (let i = 0; i < state.images.length; i++) used += (state.images[i] as Image).usedBlocks(device);
   return used;
+}
+
+/**
+ * Make the blocks `image` freed by moves free again: they are released once a commit that no longer
+ * reaches them is durable (the second commit), then punched (settle).
+ */
+async function releaseFreed(image: Image): Promise<void> {
+  await image.commit();
+  await image.commit();
+  await image.settle();
 }
 
 /** Whether `pin` covers any of blocks [start, end). */
