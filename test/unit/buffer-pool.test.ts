@@ -1,7 +1,7 @@
 /**
  * BufferPool (read replies and write payloads): size classes, reuse after release, one budget for idle
- * buffers shared by the classes, no pooling of large payloads; the parser gathers a write payload spanning chunks in a pooled
- * buffer. (That a buffer is never reused while the socket still holds it is covered end to end by the
+ * buffers shared by the classes, no pooling of large payloads; the parser gathers a write payload
+ * spanning chunks in a pooled buffer. (That a buffer is never reused while the socket still holds it is covered end to end by the
  * interop tests that verify every byte read at depth: fio verify, qemu-io -P, nbdcopy checksums.)
  */
 import { test } from "node:test";

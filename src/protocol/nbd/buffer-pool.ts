@@ -17,9 +17,9 @@
  * of room for a reply header. All classes share one budget of `idleBytesMax` idle bytes: a released
  * buffer that does not fit makes room by dropping idle buffers of other classes, largest first, so the
  * class the workload uses now gets the whole budget and one it used before does not keep it. Only when
- * the rest are its own class's is the released buffer dropped. (A bound per class was tried first: at
- * 4 MiB per class, 1 MiB writes at QD8 released more buffers than their class kept, reallocated them,
- * and the external memory churn set off ~8 major GCs a second; with the class given 16 MiB, none.)
+ * the rest are its own class's is the released buffer dropped. (The bound was per class before: at
+ * 4 MiB per class, 1 MiB writes at QD8 released more buffers than their class kept and reallocated
+ * them, and the external memory set off 7–12 major GCs a second; with one budget, 1–2 in 5 s.)
  * Larger payloads fall back to plain allocation. A pooled buffer is in exactly one place: the pool, or
  * one request.
  */
