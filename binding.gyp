@@ -5,7 +5,7 @@
   "targets": [
     {
       "target_name": "vdisk_native",
-      "sources": ["src/native/vdisk_native.cc"],
+      "sources": ["src/native/vdisk_native.cc", "src/native/socket_writer.cc"],
       "dependencies": ["<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except"],
       "defines": ["NAPI_VERSION=8", "_GNU_SOURCE"],
       "cflags_cc": ["-std=c++17", "-Wall", "-Wextra"],

@@ -23,6 +23,24 @@ export interface NativeError extends Error {
 }
 
 export type NativeDone = (err: NativeError | null) => void;
+
+/**
+ * One connection's reply writer (src/native/socket_writer.cc has the contract): the buffers given to
+ * `send` must stay alive and unchanged until `completed()` counts them or `stopped()` is true.
+ */
+export interface NativeSocketWriter {
+  /** Queue buffers[0..count); without `handoff` and with nothing queued, written at once as far as the
+   * socket takes. Returns how many buffers have been written in full so far. */
+  send(buffers: Buffer[], count: number, handoff: boolean): number;
+  /** Buffers written in full since the writer was made (also re-arms the progress callback). */
+  completed(): number;
+  /** The errno name that stopped writing ("EPIPE"), or null. */
+  error(): string | null;
+  /** Drop what is queued, stop the thread, close the duplicated descriptor. */
+  close(): void;
+  /** True once no thread can read a buffer given to `send` any more. */
+  stopped(): boolean;
+}
 export type NativeSeekDone = (err: NativeError | null, offset?: number) => void;
 
 export interface NativeAddon {
@@ -48,6 +66,10 @@ export interface NativeAddon {
     positions: number[],
     callback: (err: NativeError | null, failedIndex: number | null) => void,
   ): void;
+
+  /** A writer over a dup() of socket descriptor `fd`; `progress` runs on the JS thread after the writer
+   * thread completes buffers, fails, or stops (calls are coalesced). */
+  SocketWriter: new (fd: number, progress: () => void) => NativeSocketWriter;
 
   readonly FALLOC_FL_KEEP_SIZE: number;
   readonly FALLOC_FL_PUNCH_HOLE: number;
@@ -94,7 +116,14 @@ export function loadNative(): NativeAddon {
       hint: "rebuild it for this Node.js: `npm run build` (node-gyp rebuild)",
     });
   }
-  for (const name of ["fallocate", "seek", "fadvise", "preadNoWait", "pwriteBatch"] as const) {
+  for (const name of [
+    "fallocate",
+    "seek",
+    "fadvise",
+    "preadNoWait",
+    "pwriteBatch",
+    "SocketWriter",
+  ] as const) {
     if (typeof addon[name] !== "function") {
       throw new VdiskError("INTERNAL", `native addon ${found} lacks ${name}(): stale build`, {
         hint: "run `npm run build` (node-gyp rebuild)",

@@ -27,13 +27,13 @@
 #include <string>
 #include <vector>
 
+#include "socket_writer.h"
+
 #ifndef FALLOC_FL_KEEP_SIZE
 #include <linux/falloc.h>
 #endif
 
-namespace {
-
-constexpr double kSafeIntegerMax = 9007199254740991.0;  // Number.MAX_SAFE_INTEGER
+namespace vdisk {
 
 const char* ErrnoName(int err) {
 #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
@@ -62,6 +62,14 @@ const char* ErrnoName(int err) {
 #endif
   return "EUNKNOWN";
 }
+
+}  // namespace vdisk
+
+namespace {
+
+using vdisk::ErrnoName;
+
+constexpr double kSafeIntegerMax = 9007199254740991.0;  // Number.MAX_SAFE_INTEGER
 
 Napi::Error ErrnoError(Napi::Env env, int err, const char* syscall) {
   const char* name = ErrnoName(err);
@@ -328,6 +336,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("fadvise", Napi::Function::New(env, Fadvise, "fadvise"));
   exports.Set("preadNoWait", Napi::Function::New(env, PreadNoWait, "preadNoWait"));
   exports.Set("pwriteBatch", Napi::Function::New(env, PwriteBatch, "pwriteBatch"));
+  vdisk::InitSocketWriter(env, exports);
   Constant(env, exports, "FALLOC_FL_KEEP_SIZE", FALLOC_FL_KEEP_SIZE);
   Constant(env, exports, "FALLOC_FL_PUNCH_HOLE", FALLOC_FL_PUNCH_HOLE);
   Constant(env, exports, "FALLOC_FL_ZERO_RANGE", FALLOC_FL_ZERO_RANGE);
