@@ -36,7 +36,8 @@
  *   BENCH_SIZE       image size (default 4G; one server copy exists at a time, plus the master)
  *   BENCH_SECONDS    seconds per fio run (10)          BENCH_RAMP   fio warm-up seconds (2)
  *   BENCH_RUNS       passes (3); figures are medians over the passes
- *   BENCH_SERVERS    comma list of server ids (default: all above)
+ *   BENCH_SERVERS    comma list of server ids (default: all above but the opt-in variants, such as
+ *                    vdisk-image-loop-replies: the image with `--reply-thread off`)
  *   BENCH_ROWS       comma list of row ids (randread-4k-qd1, randread-4k-qd32, randwrite-4k-qd32,
  *                    read-64k-qd8, write-1m-qd8)
  *   BENCH_SECTIONS   "servers,image" (default); image = reads at the bottom of snapshot chains of several
@@ -117,8 +118,12 @@ interface RowComparison {
   pairs: Record<string, number>;
 }
 
-function pick<T extends { id: string }>(all: T[], filter: string[] | undefined, what: string): T[] {
-  if (!filter) return all;
+function pick<T extends { id: string; optional?: boolean }>(
+  all: T[],
+  filter: string[] | undefined,
+  what: string,
+): T[] {
+  if (!filter) return all.filter((item) => item.optional !== true);
   const unknown = filter.filter((id) => !all.some((item) => item.id === id));
   if (unknown.length > 0) {
     throw new Error(

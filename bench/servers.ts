@@ -55,6 +55,8 @@ export interface Server {
   label: string;
   /** vdisk servers are compared with the best of the peers on each row. */
   kind: "vdisk" | "peer";
+  /** Measured only when named in BENCH_SERVERS (variants kept to justify a design choice). */
+  optional?: boolean;
   /** Serves an EMPTY disk of ctx.sizeBytes, backed by files under `dir`. */
   start(ctx: BenchContext, dir: string): Promise<Running>;
   /** After the harness filled the disk through `running`: turn it into what is measured (chains). */
@@ -249,20 +251,28 @@ export async function vdiskSnapshots(
 // ---------------------------------------------------------------------------------------------------
 // The servers.
 
-/** vdisk serving disk "bench"; with `snapshots`, that many are taken after the fill (data at the bottom). */
-export function vdiskServer(id: string, label: string, format: "raw" | "vdisk", snapshots = 0): Server {
+/**
+ * vdisk serving disk "bench"; with `snapshots`, that many are taken after the fill (data at the bottom).
+ * `serveArgs` go to this server's `vdisk serve` before BENCH_VDISK_ARGS.
+ */
+export function vdiskServer(
+  id: string,
+  label: string,
+  format: "raw" | "vdisk",
+  snapshots = 0,
+  serveArgs: string[] = [],
+): Server {
   return {
     id,
     label,
     kind: "vdisk",
+    optional: serveArgs.length > 0,
     async start(ctx, dir) {
       const log = path.join(ctx.scratch, "logs", `${path.basename(dir)}.log`);
-      const daemon = await startVdiskDaemon(
-        path.join(dir, "home"),
-        path.join(dir, "nbd.sock"),
-        log,
-        ctx.vdiskArgs,
-      );
+      const daemon = await startVdiskDaemon(path.join(dir, "home"), path.join(dir, "nbd.sock"), log, [
+        ...serveArgs,
+        ...ctx.vdiskArgs,
+      ]);
       try {
         daemon.createDisk("bench", ctx.sizeBytes, format, ctx.vdiskSet);
       } catch (err) {
@@ -344,6 +354,12 @@ export const SERVERS: Server[] = [
   qcow2Server("qemu-nbd-qcow2", "qemu-nbd qcow2"),
   qcow2Server("qemu-nbd-qcow2-chain", `qemu-nbd qcow2, ${QCOW2_CHAIN_DEPTH}-deep chain`, QCOW2_CHAIN_DEPTH),
   nbdkitFileServer("nbdkit", "nbdkit file"),
+  // Opt-in (BENCH_SERVERS=...): the image with every reply written by the event loop through Node's
+  // socket writes, as before the reply writer (docs/nbd-server.md, "Reply writer").
+  vdiskServer("vdisk-image-loop-replies", "vdisk image, --reply-thread off", "vdisk", 0, [
+    "--reply-thread",
+    "off",
+  ]),
 ];
 
 // ---------------------------------------------------------------------------------------------------

@@ -105,6 +105,25 @@ function requestBytes(text: string): number {
   return bytes;
 }
 
+/** `--reply-thread`: a size, or "off" (null: Node's own socket writes). */
+function replyThreadBytes(text: string): number | null {
+  if (text === "off") return null;
+  let bytes: number;
+  try {
+    bytes = parseSize(text);
+  } catch {
+    throw new VdiskError("BAD_SIZE", `--reply-thread takes a size or off, not "${text}"`, {
+      hint: "the default is 32K; e.g. --reply-thread 64K, 0 (every reply) or off",
+    });
+  }
+  if (bytes > requestBytesMaxCeiling) {
+    throw new VdiskError("BAD_SIZE", `--reply-thread ${text} is larger than any reply can be`, {
+      hint: "the default is 32K; give a size up to 256M, 0 (every reply), or off",
+    });
+  }
+  return bytes;
+}
+
 // ---- Commands ------------------------------------------------------------------------------------------
 
 interface ServeOptions extends CommonOptions {
@@ -117,6 +136,7 @@ interface ServeOptions extends CommonOptions {
   maxConnections?: number;
   maxInflight?: number;
   pollUs?: number;
+  replyThread?: string;
   indexCache?: string;
   monitor?: string;
 }
@@ -133,6 +153,7 @@ async function serve(options: ServeOptions): Promise<void> {
     connectionsMax: options.maxConnections,
     inflightPerConnectionMax: options.maxInflight,
     pollUs: options.pollUs,
+    replyThreadBytes: options.replyThread === undefined ? undefined : replyThreadBytes(options.replyThread),
     indexCacheBytes: options.indexCache === undefined ? undefined : parseSize(options.indexCache),
     monitor: options.monitor !== "off",
   };
@@ -484,6 +505,10 @@ export function buildProgram(): Command {
       "--poll-us <n>",
       "keep polling this many µs after input before sleeping (QD1 latency; 0 = off, default 50)",
       nonNegativeInteger("--poll-us"),
+    )
+    .option(
+      "--reply-thread <size>",
+      "NBD replies of at least this size are written by the connection's thread (default 32K; off = none)",
     )
     .option(
       "--index-cache <size>",

@@ -60,6 +60,8 @@ export interface DaemonOptions {
   indexCacheBytes?: number;
   /** Adaptive polling window after NBD input, µs (protocol/nbd/poller.ts); 0 = off. */
   pollUs?: number;
+  /** Replies of at least this many bytes are written by each connection's writer thread; null = none. */
+  replyThreadBytes?: number | null;
   handshakeTimeoutMs?: number;
   /** Record every request (default true; `vdisk serve --monitor off` measures what it costs). */
   monitor?: boolean;
@@ -184,6 +186,7 @@ async function startParts(
     inflightPerConnectionMax: options.inflightPerConnectionMax ?? limits.inflightPerConnectionMaxDefault,
     handshakeTimeoutMs: options.handshakeTimeoutMs ?? limits.handshakeTimeoutMsDefault,
     pollUs: options.pollUs,
+    replyThreadBytes: options.replyThreadBytes,
     log: plan.log,
   }));
   registry.setDisconnector(server);

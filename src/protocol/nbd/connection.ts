@@ -4,12 +4,16 @@
  * The connection owns a ByteQueue fed by the socket and pulls messages from the two parsers. During
  * transmission every request is validated here, once (range, read-only, payload size, flags) — the
  * devices below only assert — and dispatched to the export's BlockDevice with a callback; replies go out
- * in completion order (out-of-order is allowed by the protocol) and are corked so that all replies that
- * complete in one event-loop turn leave in one writev.
+ * in completion order (out-of-order is allowed by the protocol). In transmission they go through the
+ * native reply writer (reply-writer.ts): replies of at least `replyThreadBytes` are written by the
+ * connection's writer thread, smaller ones gathered per loop turn and written by the event loop. Before
+ * that (handshake), on a socket without a descriptor, or with `replyThreadBytes` null, the socket writes
+ * them, corked per loop turn so that all replies that complete in one turn leave in one writev.
  *
- * Flow control, all bounded: at most `inflightMax` requests are dispatched; beyond that, and while the
- * socket has more than `socketQueuedBytesMax` of replies queued, the socket is paused and the parser is
- * not pulled. A WRITE over the payload maximum is read and discarded, then refused with EINVAL.
+ * Flow control, all bounded: at most `inflightMax` requests are dispatched; beyond that, and while more
+ * than `socketQueuedBytesMax` of replies wait for the socket (in the reply writer, or the socket's own
+ * queue), the socket is paused and the parser is not pulled. A WRITE over the payload maximum is read and
+ * discarded, then refused with EINVAL.
  *
  * Receiving: the socket reads into memory the connection owns (Node's `onread`), not into a fresh
  * ArrayBuffer per read, whose off-heap churn drove V8's major GCs at gigabytes per second. While a WRITE
@@ -43,6 +47,8 @@ import { Socket as NetSocket, type Socket, type SocketConstructorOpts } from "no
 import type { BlockDevice, Capabilities, Extent } from "../../devices/block-device";
 import type { Poller } from "./poller";
 import { replyBufferPool, writePayloadPool } from "./buffer-pool";
+import { ReplyWriter } from "./reply-writer";
+import { loadNative, type NativeAddon } from "../../native/native";
 import { ZeroFlags } from "../../devices/block-device";
 import { VdiskError, assert, nbdErrnoOf, type ErrorCode, type NbdErrnoValue, NbdErrno } from "../../errors";
 import * as limits from "../../limits";
@@ -86,6 +92,11 @@ export interface ConnectionConfig {
   monitor: MonitorFactory | null;
   /** Keeps the loop polling briefly after input (see poller.ts); null = never. */
   poller: Poller | null;
+  /**
+   * Transmission replies go through the native reply writer (reply-writer.ts), and those of at least this
+   * many bytes are written by its thread; null = Node's stream writes, corked per loop turn.
+   */
+  replyThreadBytes: number | null;
 }
 
 /** What a connection tells its monitor when it enters transmission. */
@@ -228,6 +239,10 @@ export class Connection {
   };
 
   private readonly socket: Socket;
+  /** The native reply writer, once in transmission (see `send`); null = the socket's own writes. */
+  private writer: ReplyWriter | null = null;
+  /** False once the native writer is running or cannot be used for this connection. */
+  private writerWanted: boolean;
   /** Where socket reads land unless a payload is received directly (see the module note). */
   private readonly receiveBuffer = Buffer.allocUnsafeSlow(RECEIVE_BUFFER_BYTES);
   /** The payload slice handed to the socket for its next read, or null (the receive buffer). */
@@ -241,6 +256,7 @@ export class Connection {
     private readonly onClose: (connection: Connection) => void,
   ) {
     this.handshake = new HandshakeParser(limits.optionBytesMax);
+    this.writerWanted = config.replyThreadBytes !== null;
     const adopted = adoptSocket(
       accepted,
       () => this.nextReceiveBuffer(),
@@ -356,23 +372,28 @@ export class Connection {
   private pumpRequests(): void {
     const parser = this.requests as RequestParser;
     while (!this.draining && this.inflight < this.config.inflightMax) {
-      if (this.socket.writableLength > limits.socketQueuedBytesMax) break;
+      if (this.repliesQueuedBytes() > limits.socketQueuedBytesMax) break;
       const request = parser.next(this.queue);
       if (request === null) break;
       this.dispatch(request);
     }
     const mustPause =
-      this.inflight >= this.config.inflightMax || this.socket.writableLength > limits.socketQueuedBytesMax;
+      this.inflight >= this.config.inflightMax || this.repliesQueuedBytes() > limits.socketQueuedBytesMax;
     if (mustPause && !this.paused) {
       this.paused = true;
       this.socket.pause();
     }
   }
 
+  /** Reply bytes waiting for the socket. */
+  private repliesQueuedBytes(): number {
+    return this.writer !== null ? this.writer.queuedBytes : this.socket.writableLength;
+  }
+
   private maybeResume(): void {
     if (this.phase !== Phase.TRANSMISSION) return;
     if (this.paused && this.inflight < this.config.inflightMax) {
-      if (this.socket.writableLength > limits.socketQueuedBytesMax) return;
+      if (this.repliesQueuedBytes() > limits.socketQueuedBytesMax) return;
       this.paused = false;
       this.socket.resume();
     }
@@ -884,6 +905,14 @@ export class Connection {
     if (this.draining && this.inflight === 0) {
       // Let corked replies out, then end the connection.
       if (this.corked) this.uncork();
+      if (this.writer !== null) {
+        // The native writer's progress callback comes back here once everything is on the socket.
+        if (!this.writer.idle) {
+          this.writer.flush();
+          if (!this.writer.idle) return;
+        }
+        this.writer.close();
+      }
       const callbacks = this.onDrainedCallbacks.splice(0);
       this.phase = Phase.CLOSED;
       this.socket.end();
@@ -899,6 +928,8 @@ export class Connection {
 
   /** Queue `buffer` on the socket; `release` (a pooled reply buffer) returns to the pool once written. */
   private send(buffer: Buffer, release: Buffer | null = null): void {
+    if (this.writerWanted) this.startWriter();
+    if (this.writer !== null) return this.writer.push(buffer, release);
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
@@ -910,6 +941,45 @@ export class Connection {
       this.releases.push(release);
       this.socket.write(buffer, this.releaseWritten);
     }
+  }
+
+  /**
+   * Switch this connection's replies to the native writer: only in transmission, only on a socket with a
+   * descriptor, and only once the socket has nothing of its own queued (or corked), so that no reply
+   * can overtake an earlier one.
+   */
+  private startWriter(): void {
+    if (this.phase !== Phase.TRANSMISSION || this.corked || this.socket.writableLength > 0) return;
+    this.writerWanted = false;
+    const fd = (this.socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+    if (typeof fd !== "number" || fd < 0) return;
+    let native: NativeAddon;
+    try {
+      native = loadNative();
+    } catch (err) {
+      this.config.log(`connection ${this.id}: replies without the writer thread: ${(err as Error).message}`);
+      return;
+    }
+    const writer = new ReplyWriter(
+      new native.SocketWriter(fd, () => this.onWriterProgress()),
+      this.config.replyThreadBytes as number,
+      (buffer) => replyBufferPool.release(buffer),
+    );
+    this.writer = writer;
+  }
+
+  private onWriterProgress(): void {
+    const writer = this.writer;
+    if (writer === null) return;
+    const error = writer.progress();
+    if (this.phase === Phase.CLOSED) return;
+    if (error !== null) {
+      // A client that hangs up early (EPIPE, ECONNRESET) is routine; anything else is worth a line.
+      const routine = error === "EPIPE" || error === "ECONNRESET";
+      this.close(routine ? null : `socket write failed: ${error}`);
+      return;
+    }
+    this.afterCompletion();
   }
 
   /** Pooled buffers waiting for their write callbacks, in write order (callbacks run in that order). */
@@ -1042,6 +1112,8 @@ export class Connection {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = null;
     this.phase = Phase.CLOSED;
+    this.writerWanted = false;
+    this.writer?.close();
     if (!this.socket.destroyed) this.socket.destroy();
     this.queue.clear();
     this.releaseHandle();

@@ -32,6 +32,12 @@ export interface NbdServerOptions {
   monitor?: MonitorFactory;
   /** Adaptive polling window after input, µs (poller.ts); 0 = off. Default pollWindowUsDefault. */
   pollUs?: number;
+  /**
+   * Replies of at least this many bytes are written by each connection's writer thread, smaller ones by
+   * the event loop, both through the native reply writer (reply-writer.ts); null = Node's socket writes.
+   * Default limits.replyThreadBytesDefault.
+   */
+  replyThreadBytes?: number | null;
 }
 
 export interface NbdServerStats extends ServerCounters {
@@ -59,6 +65,7 @@ export class NbdServer {
   private readonly handshakeTimeoutMs: number;
   private readonly log: (message: string) => void;
   private readonly poller: Poller | null;
+  private readonly replyThreadBytes: number | null;
 
   constructor(private readonly options: NbdServerOptions) {
     this.requestBytesMax = options.requestBytesMax ?? limits.requestBytesMaxDefault;
@@ -87,6 +94,13 @@ export class NbdServer {
       `the polling window must be between 0 and ${pollWindowUsMax} µs`,
     );
     this.poller = pollUs === 0 ? null : new Poller(pollUs);
+    this.replyThreadBytes =
+      options.replyThreadBytes === undefined ? limits.replyThreadBytesDefault : options.replyThreadBytes;
+    check(
+      this.replyThreadBytes === null ||
+        (Number.isSafeInteger(this.replyThreadBytes) && this.replyThreadBytes >= 0),
+      "the reply thread threshold must be a size of 0 or more bytes",
+    );
   }
 
   /** Listen on TCP; port 0 picks a free port. Resolves to the bound address. */
@@ -142,6 +156,7 @@ export class NbdServer {
         log: this.log,
         monitor: this.options.monitor ?? null,
         poller: this.poller,
+        replyThreadBytes: this.replyThreadBytes,
       },
       this.counters,
       (closed) => this.connections.delete(closed),
