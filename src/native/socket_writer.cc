@@ -166,7 +166,9 @@ void ThreadMain(std::shared_ptr<State> state) {
     }
     uint64_t done = Advance(s, static_cast<size_t>(n));
     if (done > 0) {
-      s.completed.fetch_add(done, std::memory_order_release);
+      // Sequentially consistent with notifyPending: JS clears the flag and then reads `completed`, we add
+      // to `completed` and then test the flag, so one of the two always sees the other's write.
+      s.completed.fetch_add(done);
       Notify(s);  // coalesced: at most one call waits for JS to look
     }
   }
@@ -261,9 +263,9 @@ class SocketWriter : public Napi::ObjectWrap<SocketWriter> {
   }
 
   Napi::Value Completed(const Napi::CallbackInfo& info) {
-    // JS looked: the next completion may notify again.
+    // JS looked: the next completion may notify again (see ThreadMain for the order of the two).
     state_->notifyPending.store(false);
-    return Napi::Number::New(info.Env(), static_cast<double>(state_->completed.load(std::memory_order_acquire)));
+    return Napi::Number::New(info.Env(), static_cast<double>(state_->completed.load()));
   }
 
   Napi::Value Error(const Napi::CallbackInfo& info) {
