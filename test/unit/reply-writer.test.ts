@@ -58,16 +58,16 @@ function harness(socket: net.Socket, threadBytes: number): Harness {
   const released: Buffer[] = [];
   const errors: string[] = [];
   let wake: (() => void) | null = null;
-  // eslint-disable-next-line prefer-const
-  let writer: ReplyWriter;
+  const made: { writer: ReplyWriter | null } = { writer: null };
   const progress = (): void => {
-    const error = writer.progress();
+    const error = (made.writer as ReplyWriter).progress();
     if (error !== null) errors.push(error);
     wake?.();
   };
-  writer = new ReplyWriter(new native.SocketWriter(fd, progress), threadBytes, (buffer) =>
+  const writer = new ReplyWriter(new native.SocketWriter(fd, progress), threadBytes, (buffer) =>
     released.push(buffer),
   );
+  made.writer = writer;
   const until = async (check: () => boolean, what: string): Promise<void> => {
     const deadline = Date.now() + 10_000;
     while (!check()) {
