@@ -44,6 +44,16 @@ async function socketPair(): Promise<Pair> {
   };
 }
 
+/** Runs `body` on a fresh socket pair, closed afterwards whatever happens. */
+async function withPair(body: (pair: Pair) => Promise<void>): Promise<void> {
+  const pair = await socketPair();
+  try {
+    await body(pair);
+  } finally {
+    pair.close();
+  }
+}
+
 interface Harness {
   writer: ReplyWriter;
   released: Buffer[];
@@ -113,8 +123,7 @@ async function readExactly(client: net.Socket, length: number): Promise<Buffer> 
 }
 
 test("replies arrive whole and in push order, from the event loop and from the writer thread", async () => {
-  const pair = await socketPair();
-  try {
+  await withPair(async (pair) => {
     const { writer, released, until } = harness(pair.server, 32 * 1024);
     const sizes = [16, 4096, 65_552, 16, 1 << 20, 300, 32 * 1024, 12, 200_000, 0, 7];
     const buffers = sizes.map((size, index) => pattern(size, index + 1));
@@ -128,14 +137,11 @@ test("replies arrive whole and in push order, from the event loop and from the w
     const pooled = buffers.filter((_, index) => index % 2 === 0);
     assert.deepEqual(released, pooled, "each pooled buffer released once, in push order");
     writer.close();
-  } finally {
-    pair.close();
-  }
+  });
 });
 
 test("a client that stops reading: the thread waits for room, nothing is lost or released early", async () => {
-  const pair = await socketPair();
-  try {
+  await withPair(async (pair) => {
     const { writer, released, until } = harness(pair.server, 32 * 1024);
     const buffers = Array.from({ length: 64 }, (_, index) => pattern(128 * 1024, index));
     for (const buffer of buffers) writer.push(buffer, buffer);
@@ -150,14 +156,11 @@ test("a client that stops reading: the thread waits for room, nothing is lost or
     assert.deepEqual(released, buffers);
     assert.equal(writer.queuedBytes, 0);
     writer.close();
-  } finally {
-    pair.close();
-  }
+  });
 });
 
 test("close while the thread waits: buffers come back once it stopped, and the client sees the end", async () => {
-  const pair = await socketPair();
-  try {
+  await withPair(async (pair) => {
     const { writer, released, until } = harness(pair.server, 0);
     const buffers = Array.from({ length: 32 }, (_, index) => pattern(256 * 1024, index));
     for (const buffer of buffers) writer.push(buffer, buffer);
@@ -172,14 +175,11 @@ test("close while the thread waits: buffers come back once it stopped, and the c
     pair.client.on("data", () => {});
     pair.client.resume();
     await ended;
-  } finally {
-    pair.close();
-  }
+  });
 });
 
 test("a client that hangs up: the write error is reported and later pushes are dropped", async () => {
-  const pair = await socketPair();
-  try {
+  await withPair(async (pair) => {
     const { writer, errors, released, until } = harness(pair.server, 32 * 1024);
     pair.client.destroy();
     await new Promise((resolve) => setTimeout(resolve, 20));
@@ -191,7 +191,5 @@ test("a client that hangs up: the write error is reported and later pushes are d
     assert.ok(["EPIPE", "ECONNRESET"].includes(errors[0] as string), `error ${errors[0]}`);
     writer.close();
     await until(() => released.length === 8, "the buffers to come back after close");
-  } finally {
-    pair.close();
-  }
+  });
 });
