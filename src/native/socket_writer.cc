@@ -67,6 +67,7 @@ struct State {
   std::atomic<bool> stopped{false};
   std::atomic<bool> notifyPending{false};
   Napi::ThreadSafeFunction notify;
+  bool notifyMade = false;  // false when the constructor failed before making `notify`
 
   ~State() {
     if (fd >= 0) close(fd);
@@ -209,6 +210,7 @@ class SocketWriter : public Napi::ObjectWrap<SocketWriter> {
     if (state_->eventFd < 0) throw Napi::Error::New(env, std::string("eventfd: ") + strerror(errno));
     state_->notify =
         Napi::ThreadSafeFunction::New(env, info[1].As<Napi::Function>(), "vdisk:SocketWriter", 0, 1);
+    state_->notifyMade = true;
     // The writer never keeps the process alive by itself; the socket does.
     state_->notify.Unref(env);
   }
@@ -298,11 +300,11 @@ class SocketWriter : public Napi::ObjectWrap<SocketWriter> {
       s.wake.notify_one();
       return;
     }
-    close(s.fd);
+    if (s.fd >= 0) close(s.fd);
     s.fd = -1;
     lock.unlock();
     s.stopped.store(true, std::memory_order_release);
-    s.notify.Release();
+    if (s.notifyMade) s.notify.Release();
   }
 
   std::shared_ptr<State> state_;

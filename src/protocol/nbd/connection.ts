@@ -48,7 +48,7 @@ import type { BlockDevice, Capabilities, Extent } from "../../devices/block-devi
 import type { Poller } from "./poller";
 import { replyBufferPool, writePayloadPool } from "./buffer-pool";
 import { ReplyWriter } from "./reply-writer";
-import { loadNative, type NativeAddon } from "../../native/native";
+import { loadNative, type NativeSocketWriter } from "../../native/native";
 import { ZeroFlags } from "../../devices/block-device";
 import { VdiskError, assert, nbdErrnoOf, type ErrorCode, type NbdErrnoValue, NbdErrno } from "../../errors";
 import * as limits from "../../limits";
@@ -953,19 +953,18 @@ export class Connection {
     this.writerWanted = false;
     const fd = (this.socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
     if (typeof fd !== "number" || fd < 0) return;
-    let native: NativeAddon;
+    // Without the addon, or when the descriptor cannot be duplicated (EMFILE), the socket's own writes
+    // serve this connection: slower for large reads, never wrong.
+    let socketWriter: NativeSocketWriter;
     try {
-      native = loadNative();
+      socketWriter = new (loadNative().SocketWriter)(fd, () => this.onWriterProgress());
     } catch (err) {
       this.config.log(`connection ${this.id}: replies without the writer thread: ${(err as Error).message}`);
       return;
     }
-    const writer = new ReplyWriter(
-      new native.SocketWriter(fd, () => this.onWriterProgress()),
-      this.config.replyThreadBytes as number,
-      (buffer) => replyBufferPool.release(buffer),
+    this.writer = new ReplyWriter(socketWriter, this.config.replyThreadBytes as number, (buffer) =>
+      replyBufferPool.release(buffer),
     );
-    this.writer = writer;
   }
 
   private onWriterProgress(): void {
