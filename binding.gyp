@@ -1,6 +1,6 @@
 # The native addon: the Linux file system calls Node's fs module does not expose (fallocate, SEEK_DATA/
-# SEEK_HOLE, posix_fadvise, preadv2 with RWF_NOWAIT). Built with `npx node-gyp rebuild`; the TypeScript
-# wrapper is src/native/native.ts.
+# SEEK_HOLE, posix_fadvise, preadv2 with RWF_NOWAIT, batched pwrite) and the NBD reply writer
+# (socket_writer.cc). Built with `npx node-gyp rebuild`; the TypeScript wrapper is src/native/native.ts.
 {
   "targets": [
     {

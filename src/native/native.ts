@@ -1,10 +1,11 @@
 /**
- * Typed access to the native addon (src/native/vdisk_native.cc, built by `node-gyp` into
- * build/Release/vdisk_native.node): fallocate, lseek with SEEK_DATA/SEEK_HOLE, posix_fadvise, and a
- * synchronous preadv2(RWF_NOWAIT) for a future page-cache-hit fast path.
+ * Typed access to the native addon (src/native/vdisk_native.cc and socket_writer.cc, built by `node-gyp`
+ * into build/Release/vdisk_native.node): fallocate, lseek with SEEK_DATA/SEEK_HOLE, posix_fadvise, a
+ * synchronous preadv2(RWF_NOWAIT) for the page-cache-hit fast path, positional write batches, and the
+ * NBD connections' reply writer (SocketWriter).
  *
  * The addon is loaded on first use, not at import, so modules that never touch a file (the memory
- * device, the protocol code) work without it. It is looked up from the project root, which is two levels
+ * device) work without it; the NBD server then falls back to Node's socket writes. It is looked up from the project root, which is two levels
  * above this file when run from src/native/ and three levels above when compiled to dist/src/native/.
  *
  * Errors passed to the callbacks are shaped like Node's fs errors: `code` is the errno name
@@ -23,6 +24,7 @@ export interface NativeError extends Error {
 }
 
 export type NativeDone = (err: NativeError | null) => void;
+export type NativeSeekDone = (err: NativeError | null, offset?: number) => void;
 
 /**
  * One connection's reply writer (src/native/socket_writer.cc has the contract): the buffers given to
@@ -41,7 +43,6 @@ export interface NativeSocketWriter {
   /** True once no thread can read a buffer given to `send` any more. */
   stopped(): boolean;
 }
-export type NativeSeekDone = (err: NativeError | null, offset?: number) => void;
 
 export interface NativeAddon {
   /** fallocate(2) on the thread pool. `length` must be > 0. */

@@ -1,4 +1,5 @@
-// vdisk_native: the few Linux file calls Node's fs module lacks, for the raw file backing.
+// vdisk_native: the few Linux file calls Node's fs module lacks, for the raw file backing. (The NBD
+// reply writer, SocketWriter, lives in socket_writer.cc and is added to the same exports.)
 //
 // - fallocate(fd, mode, offset, length, cb(err))         punch holes, zero ranges (thread pool)
 // - seek(fd, offset, whence, cb(err, offset))            SEEK_DATA / SEEK_HOLE (thread pool)

@@ -167,9 +167,14 @@ test("close while the thread waits: buffers come back once it stopped, and the c
     await new Promise((resolve) => setTimeout(resolve, 50));
     assert.ok(writer.queuedBytes > 0, "the thread is waiting for room");
     writer.close();
+    // A reply pushed after close (the last piece of a reply whose earlier pieces were queued) is not
+    // written, and its pooled buffer comes back with the rest, once the thread has stopped.
+    const late = pattern(4096, 99);
+    writer.push(late, late);
     pair.server.destroy(); // what the connection does next
-    await until(() => released.length === buffers.length, "the queued buffers to come back");
-    assert.equal(new Set(released).size, buffers.length, "each buffer released exactly once");
+    await until(() => released.length === buffers.length + 1, "the queued buffers to come back");
+    assert.equal(new Set(released).size, buffers.length + 1, "each buffer released exactly once");
+    assert.ok(released.includes(late));
     // The writer's own descriptor is closed too: the client reads to the end instead of hanging.
     const ended = new Promise<void>((resolve) => pair.client.once("end", resolve));
     pair.client.on("data", () => {});

@@ -50,9 +50,19 @@ export class ReplyWriter {
     return this.batch.length === 0 && this.fifoHead === this.fifo.length;
   }
 
-  /** Queue `buffer`; `release` (a pooled buffer under it, or null) is handed back once it is written. */
+  /**
+   * Queue `buffer`; `release` (a pooled buffer under it, or null) is handed back once it is written. After
+   * `close` the reply is dropped (its connection is gone); `release` comes back with the others once the
+   * thread has stopped, since an earlier slice of the same buffer may be in its last write.
+   */
   push(buffer: Buffer, release: Buffer | null): void {
-    assert(!this.closed, "push after close");
+    if (this.closed) {
+      if (release === null) return;
+      this.fifo.push(buffer);
+      this.fifoReleases.push(release);
+      if (this.writer.stopped()) this.dropAll();
+      return;
+    }
     this.batch.push(buffer);
     this.fifo.push(buffer);
     this.fifoReleases.push(release);
