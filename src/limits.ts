@@ -30,9 +30,9 @@ export const indexCacheBytesDefault = 64 * MiB;
 /** NBD: simultaneous client connections (configurable). */
 export const connectionsMaxDefault = 256;
 /**
- * NBD: replies of at least this many bytes are written to the socket by the connection's writer thread,
- * smaller ones by the event loop (protocol/nbd/reply-writer.ts; configurable, `vdisk serve --reply-thread`).
- * 32 KiB: a 64 KiB read's socket copy then overlaps the next pread, while 4 KiB replies, for which a
+ * NBD: on a Unix socket, replies of at least this many bytes are written by the connection's writer
+ * thread, smaller ones (and over TCP all) by the event loop (protocol/nbd/reply-writer.ts; configurable,
+ * `vdisk serve --reply-thread`). 32 KiB: a 64 KiB read's socket copy then overlaps the next pread, while 4 KiB replies, for which a
  * thread hand-off costs more than the copy, stay on the loop (docs/nbd-server.md, "Reply writer").
  */
 export const replyThreadBytesDefault = 32 * KiB;

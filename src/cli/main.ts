@@ -508,7 +508,8 @@ export function buildProgram(): Command {
     )
     .option(
       "--reply-thread <size>",
-      "NBD replies of at least this size are written by the connection's thread (default 32K; off = none)",
+      "NBD replies of at least this size, on Unix sockets, are written by the connection's thread " +
+        "(default 32K; off = none)",
     )
     .option(
       "--index-cache <size>",

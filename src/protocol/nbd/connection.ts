@@ -5,8 +5,9 @@
  * transmission every request is validated here, once (range, read-only, payload size, flags) — the
  * devices below only assert — and dispatched to the export's BlockDevice with a callback; replies go out
  * in completion order (out-of-order is allowed by the protocol). In transmission they go through the
- * native reply writer (reply-writer.ts): replies of at least `replyThreadBytes` are written by the
- * connection's writer thread, smaller ones gathered per loop turn and written by the event loop. Before
+ * native reply writer (reply-writer.ts): on a Unix socket, replies of at least `replyThreadBytes` are
+ * written by the connection's writer thread; smaller ones, and over TCP all, are gathered per loop turn
+ * and written by the event loop (the thread finishing what a full socket did not take). Before
  * that (handshake), on a socket without a descriptor, or with `replyThreadBytes` null, the socket writes
  * them, corked per loop turn so that all replies that complete in one turn leave in one writev.
  *
@@ -93,8 +94,8 @@ export interface ConnectionConfig {
   /** Keeps the loop polling briefly after input (see poller.ts); null = never. */
   poller: Poller | null;
   /**
-   * Transmission replies go through the native reply writer (reply-writer.ts), and those of at least this
-   * many bytes are written by its thread; null = Node's stream writes, corked per loop turn.
+   * Transmission replies go through the native reply writer (reply-writer.ts), and on a Unix socket those
+   * of at least this many bytes are written by its thread; null = Node's stream writes, corked per turn.
    */
   replyThreadBytes: number | null;
 }
@@ -962,9 +963,12 @@ export class Connection {
       this.config.log(`connection ${this.id}: replies without the writer thread: ${(err as Error).message}`);
       return;
     }
-    this.writer = new ReplyWriter(socketWriter, this.config.replyThreadBytes as number, (buffer) =>
-      replyBufferPool.release(buffer),
-    );
+    // Over TCP the thread only finishes writes the socket could not take at once: handing replies to it
+    // there measured slower (docs/nbd-server.md, "Reply writer"), since its sends and the event loop's
+    // reads of the same TCP socket take turns on the socket's lock.
+    const unix = this.socket.remoteAddress === undefined;
+    const threadBytes = unix ? (this.config.replyThreadBytes as number) : Infinity;
+    this.writer = new ReplyWriter(socketWriter, threadBytes, (buffer) => replyBufferPool.release(buffer));
   }
 
   private onWriterProgress(): void {
