@@ -964,8 +964,8 @@ export class Connection {
       return;
     }
     // Over TCP the thread only finishes writes the socket could not take at once: handing replies to it
-    // there measured slower (docs/nbd-server.md, "Reply writer"), since its sends and the event loop's
-    // reads of the same TCP socket take turns on the socket's lock.
+    // there measured slower (docs/nbd-server.md, "Reply writer"), most likely because its sends and the
+    // event loop's reads of one TCP socket take turns on the socket's lock.
     const unix = this.socket.remoteAddress === undefined;
     const threadBytes = unix ? (this.config.replyThreadBytes as number) : Infinity;
     this.writer = new ReplyWriter(socketWriter, threadBytes, (buffer) => replyBufferPool.release(buffer));
