@@ -129,11 +129,12 @@ void Notify(State& s) {
   s.notify.NonBlockingCall();
 }
 
-// Writing failed: drop everything queued, remember why. Under `mu`.
+// Writing failed: drop everything queued, remember why, tell JS. Under `mu`.
 void Fail(State& s, int err) {
   if (s.error == 0) s.error = err;
   s.queue.clear();
   s.headWritten = 0;
+  Notify(s);
 }
 
 void ThreadMain(std::shared_ptr<State> state) {
@@ -162,7 +163,6 @@ void ThreadMain(std::shared_ptr<State> state) {
     if (s.closing) break;
     if (n < 0) {
       Fail(s, err);
-      Notify(s);
       continue;  // wait for close()
     }
     uint64_t done = Advance(s, static_cast<size_t>(n));
@@ -248,7 +248,6 @@ class SocketWriter : public Napi::ObjectWrap<SocketWriter> {
         if (sent < 0) {
           if (errno == EAGAIN || errno == EWOULDBLOCK) break;
           Fail(s, errno);
-          Notify(s);
           break;
         }
         s.completed.fetch_add(Advance(s, static_cast<size_t>(sent)), std::memory_order_release);

@@ -268,11 +268,9 @@ export class Connection {
       socket.on("data", (chunk: Buffer) => this.onData(chunk));
       socket.resume();
     }
-    socket.on("error", (err: NodeJS.ErrnoException) => {
-      // A client that hangs up early (EPIPE, ECONNRESET) is routine; anything else is worth a line.
-      const routine = err.code === "EPIPE" || err.code === "ECONNRESET";
-      this.close(routine ? null : `socket error: ${err.message}`);
-    });
+    socket.on("error", (err: NodeJS.ErrnoException) =>
+      this.closeOnSocketError(err.code, `socket error: ${err.message}`),
+    );
     socket.on("close", () => this.close(null));
     socket.on("drain", () => this.maybeResume());
     this.handshakeTimer = setTimeout(
@@ -976,13 +974,15 @@ export class Connection {
     if (writer === null) return;
     const error = writer.progress();
     if (this.phase === Phase.CLOSED) return;
-    if (error !== null) {
-      // A client that hangs up early (EPIPE, ECONNRESET) is routine; anything else is worth a line.
-      const routine = error === "EPIPE" || error === "ECONNRESET";
-      this.close(routine ? null : `socket write failed: ${error}`);
-      return;
-    }
+    if (error !== null) return this.closeOnSocketError(error, `socket write failed: ${error}`);
     this.afterCompletion();
+  }
+
+  /** The socket failed with errno name `code`: close, logging `reason` unless the client just hung up. */
+  private closeOnSocketError(code: string | undefined, reason: string): void {
+    // A client that hangs up early (EPIPE, ECONNRESET) is routine; anything else is worth a line.
+    const routine = code === "EPIPE" || code === "ECONNRESET";
+    this.close(routine ? null : reason);
   }
 
   /** Pooled buffers waiting for their write callbacks, in write order (callbacks run in that order). */
